@@ -1,0 +1,1 @@
+"""The refground command line (installed as ``refground.cli``): thin Typer modules over the library."""

@@ -1,0 +1,17 @@
+"""The Typer apps of each command group, declared here so command modules can register on them."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="refground",
+    help="Visual grounding toolkit: synthetic world, real-format importers, feature cache, five methods, "
+    "evaluation. Add --debug anywhere to see tracebacks.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Datasets: generate the synthetic world, import/export real formats, statistics.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")

@@ -1,0 +1,70 @@
+"""Entry point: ``refground`` = :func:`main`. Turns known errors into one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import click
+
+from refground import __version__
+from refground.cli.apps import app
+from refground.cli.console import err, install_progress
+from refground.errors import RefgroundError
+
+# Command modules register themselves on the apps when imported.
+from refground.cli import bench as _bench  # noqa: F401,E402
+from refground.cli import data_formats as _data_formats  # noqa: F401,E402
+from refground.cli import data_synth as _data_synth  # noqa: F401,E402
+from refground.cli import data_view as _data_view  # noqa: F401,E402
+from refground.cli import eval as _eval  # noqa: F401,E402
+from refground.cli import show as _show  # noqa: F401,E402
+
+
+@app.command("version")
+def version() -> None:
+    """Print the library version."""
+    print(__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    ``--debug`` may stand anywhere on the command line (or set REFGROUND_DEBUG=1): errors then show the
+    traceback. Without it, a user error is one line ``error: ...`` with exit code 2, an unexpected
+    failure one line with exit code 1.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("REFGROUND_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    install_progress()
+    try:
+        app(args=args, prog_name="refground", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return int(exc.exit_code)
+    except RefgroundError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: {exc}", markup=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except Exception as exc:  # a bug: say so in one line unless debugging
+        if debug:
+            traceback.print_exc()
+        err.print(f"error: internal error: {type(exc).__name__}: {exc} (re-run with --debug for the traceback)",
+                  markup=False)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

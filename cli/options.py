@@ -1,0 +1,23 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+CacheOpt = Annotated[
+    Optional[Path],
+    typer.Option("--cache", help="Artifact root (default: $REFGROUND_CACHE or ./cache).", show_default=False),
+]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name: the folder under the cache root.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same inputs and seed give the same artifacts.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object on stdout (no table).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the step even if its artifact is complete.")]
+SplitOpt = Annotated[
+    str,
+    typer.Option("--split", help="Split: train, val, test, testA, testB, testC, testAB, testBC, testAC or all "
+                 "(refer semantics: testA includes testAB)."),
+]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.", show_default=False)]

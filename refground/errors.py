@@ -1,0 +1,26 @@
+"""Errors that reach the user as one clear line (the CLI prints ``error: <message>`` and exits non-zero).
+
+Library code raises these for anything a user can fix: missing or malformed files, unknown split names,
+empty queries, boxes outside the image, stale or half-written artifacts. Anything else is a bug and the
+CLI says so (with the traceback under ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class RefgroundError(Exception):
+    """Base class for user-facing errors. ``str(err)`` is the whole message: one line, names the file."""
+
+    exit_code = 2
+
+
+class DataError(RefgroundError):
+    """An input file or annotation is missing, malformed or inconsistent."""
+
+
+class ArtifactError(RefgroundError):
+    """A cached artifact is missing, incomplete or stale; the message names the step to re-run."""
+
+
+class UsageError(RefgroundError):
+    """An option value is invalid (unknown split, bad range, empty query)."""
