@@ -1,1 +1,38 @@
-"""Placeholder: filled by its owner."""
+"""`refground bench`: run registered benchmarks; a table and a JSON file of measured ratios."""
+
+from __future__ import annotations
+
+import platform
+from typing import Annotated, Optional
+
+import typer
+
+from refground.bench import list_benchmarks, run_benchmarks
+from refground.cli.apps import app
+from refground.cli.console import emit, table
+from refground.cli.options import CacheOpt, JsonOpt, OutOpt, SeedOpt
+from refground.data.store import cache_root
+
+
+@app.command("bench")
+def bench(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Benchmarks to run (default: all). See --list.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: seconds instead of minutes.")] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the registered benchmarks and exit.")] = False,
+    seed: SeedOpt = 0,
+    out: OutOpt = None,
+    cache: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure our implementations against simple baselines, side by side in one run."""
+    if list_:
+        for n in list_benchmarks():
+            print(n)
+        return
+    results = run_benchmarks(list(names or []), quick=quick, seed=seed)
+    payload = {"quick": quick, "seed": seed, "machine": platform.machine(), "python": platform.python_version(),
+               "results": [r.as_dict() for r in results]}
+    rows = [(r.name, r.figure, r.unit, "-" if r.baseline is None else r.baseline,
+             "-" if r.ratio is None else f"{r.ratio:.1f}x", r.note) for r in results]
+    t = table("refground bench" + (" (quick)" if quick else ""), ["name", "figure", "unit", "baseline", "ratio", "note"], rows)
+    emit(payload, as_json, [t], out or cache_root(cache) / "bench" / ("bench-quick.json" if quick else "bench.json"))

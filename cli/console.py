@@ -14,7 +14,7 @@ from rich.table import Table
 from refground import progress
 from refground.atomic import atomic_file
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out() -> Console:

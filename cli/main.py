@@ -7,11 +7,17 @@ import sys
 import traceback
 
 import click
+import typer
 
 from refground import __version__
 from refground.cli.apps import app
 from refground.cli.console import err, install_progress
 from refground.errors import RefgroundError
+
+# Typer >= 0.29 vendors its own click; catch both its exceptions and plain click's (older Typer).
+_EXIT = tuple({typer.Exit, click.exceptions.Exit})
+_ABORT = tuple({typer.Abort, click.exceptions.Abort})
+_USAGE = tuple({getattr(typer, "TyperException", click.ClickException), click.ClickException})
 
 # Command modules register themselves on the apps when imported.
 from refground.cli import bench as _bench  # noqa: F401,E402
@@ -41,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     install_progress()
     try:
         app(args=args, prog_name="refground", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except _EXIT as exc:
         return int(exc.exit_code)
-    except click.exceptions.Abort:
+    except _ABORT:
         err.print("aborted")
         return 130
-    except click.ClickException as exc:
+    except _USAGE as exc:
         exc.show()
         return int(exc.exit_code)
     except RefgroundError as exc:

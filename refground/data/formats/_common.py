@@ -1,0 +1,111 @@
+"""Helpers shared by the format readers and writers: image copying, file fingerprints, box checks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refground.data.model import Dataset
+from refground.errors import DataError, UsageError
+
+# Real annotation tools leave boxes a fraction of a pixel past the border (float rounding in COCO
+# polygons); up to this many pixels outside the image a box is clipped to the image (and counted),
+# beyond it the box is an error.
+CLIP_TOLERANCE = 1.0
+
+
+def check_name(value: str, what: str) -> str:
+    """A file-name component (no separators, not empty, not a dot name) or :class:`UsageError`."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise UsageError(f"invalid {what} {value!r}: expected a plain file-name component")
+    return value
+
+
+def file_fingerprint(*paths: Path) -> list[list[Any]]:
+    """``[[path, size, mtime_ns], ...]`` of input files, so a re-import notices changed inputs."""
+    out = []
+    for p in paths:
+        try:
+            st = Path(p).stat()
+            out.append([str(p), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(p), -1, -1])
+    return out
+
+
+def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classify boxes ``float64[M, 4]`` (xyxy) against their image sizes ``[M]``.
+
+    Returns ``(clipped_boxes, clipped, bad)``: ``clipped`` marks boxes at most :data:`CLIP_TOLERANCE`
+    pixels outside the image (clipped in the returned array); ``bad`` marks non-finite boxes, boxes
+    further outside, and boxes of zero area after clipping.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    w = np.asarray(width, dtype=np.float64)
+    h = np.asarray(height, dtype=np.float64)
+    finite = np.isfinite(b).all(axis=1)
+    lo = np.zeros_like(b)
+    hi = np.stack([w, h, w, h], axis=1)
+    over = np.maximum(lo - b, b - hi).max(axis=1) if len(b) else np.zeros(0)
+    far = ~finite | (over > CLIP_TOLERANCE)
+    clipped = finite & (over > 0) & ~far
+    b[clipped] = np.clip(b[clipped], lo[clipped], hi[clipped])
+    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    return b, clipped, far | (finite & empty)
+
+
+def box_problem(box: np.ndarray, width: float, height: float) -> str:
+    """A words-only description of why ``box`` (xyxy) is invalid for a ``width x height`` image."""
+    if not np.isfinite(box).all():
+        return "is not finite"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "has zero area"
+    return f"lies outside the {int(width)}x{int(height)} image"
+
+
+def copy_images(ds: Dataset, dest: Path) -> tuple[int, int]:
+    """Hard-link (or copy) every image file of ``ds`` into ``dest`` keeping its relative file name.
+
+    Files already there with the same size are left alone. Returns ``(copied, missing)``; missing counts
+    images whose source file does not exist (e.g. a synthetic dataset generated without PNGs).
+    """
+    root = ds.meta.get("image_root")
+    Path(dest).mkdir(parents=True, exist_ok=True)  # always there, so it can be given to an importer
+    copied = missing = 0
+    for file in ds.image_files:
+        src = Path(root) / file if root else None
+        if src is None or not src.is_file():
+            missing += 1
+            continue
+        dst = Path(dest) / file
+        if dst.is_file() and dst.stat().st_size == src.stat().st_size:
+            copied += 1
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            try:
+                os.link(src, tmp)
+            except OSError:  # another file system, or links not allowed: copy instead
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        copied += 1
+    return copied, missing
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """Text of ``path`` (UTF-8, replacing undecodable bytes) or a one-line :class:`DataError`."""
+    try:
+        return Path(path).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None

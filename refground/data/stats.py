@@ -1,0 +1,65 @@
+"""Dataset statistics: counts per split and kind, objects per image, expression lengths."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from refground.data.model import TASKS, Dataset
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    if len(values) == 0:
+        return {"min": 0, "mean": 0.0, "max": 0}
+    return {"min": int(values.min()), "mean": round(float(values.mean()), 3), "max": int(values.max())}
+
+
+def dataset_stats(ds: Dataset) -> dict[str, Any]:
+    """Figures about ``ds`` as a JSON-ready dict.
+
+    ``splits``: per stored query split, images / expressions / captions; ``kinds``: per expression kind,
+    count and share of all expressions (plus captions); ``objects_per_image``, ``expression_length``
+    (tokens; overall and per kind), ``categories`` (object counts).
+    """
+    tasks = ds.query_tasks
+    expr = tasks == TASKS.index("expression")
+    n_tokens = np.array([t.count(" ") + 1 for t in ds.query_texts], dtype=np.int64)
+    kinds = np.array(ds.query_kinds, dtype=object)
+    qsplits = np.array(ds.query_splits, dtype=object)
+
+    splits: dict[str, dict[str, int]] = {}
+    for split in dict.fromkeys(list(ds.image_splits) + list(ds.query_splits)):
+        in_split = qsplits == split
+        splits[split or "(none)"] = {
+            "images": int(sum(1 for s in ds.image_splits if s == split)),
+            "expressions": int((in_split & expr).sum()),
+            "captions": int((in_split & ~expr).sum()),
+        }
+
+    n_expr = int(expr.sum())
+    kind_counts = Counter(kinds[expr].tolist())
+    kind_stats: dict[str, dict[str, Any]] = {}
+    for kind, count in sorted(kind_counts.items()):
+        sel = expr & (kinds == kind)
+        kind_stats[kind or "(unlabelled)"] = {"count": int(count), "share": round(count / n_expr, 4),
+                                             "length": _summary(n_tokens[sel])}
+    relation_share = sum(kind_counts.get(k, 0) for k in ("relation1", "relation2")) / n_expr if n_expr else 0.0
+    per_image = np.diff(ds.image_object_offsets)
+    categories = Counter(ds.categories[i] for i in ds.object_categories.tolist())
+    return {
+        "dataset": ds.name,
+        "images": ds.num_images,
+        "objects": ds.num_objects,
+        "expressions": n_expr,
+        "captions": int((~expr).sum()),
+        "splits": splits,
+        "kinds": kind_stats,
+        "relation_share": round(relation_share, 4),
+        "second_order_share": round(kind_counts.get("relation2", 0) / n_expr, 4) if n_expr else 0.0,
+        "objects_per_image": _summary(per_image),
+        "expression_length": _summary(n_tokens[expr]),
+        "caption_length": _summary(n_tokens[~expr]),
+        "categories": dict(sorted(categories.items())),
+    }
