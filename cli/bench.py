@@ -9,7 +9,7 @@ import typer
 
 from refground.bench import list_benchmarks, run_benchmarks
 from refground.cli.apps import app
-from refground.cli.console import emit, table
+from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, JsonOpt, OutOpt, SeedOpt
 from refground.data.store import cache_root
 
@@ -33,6 +33,10 @@ def bench(
     payload = {"quick": quick, "seed": seed, "machine": platform.machine(), "python": platform.python_version(),
                "results": [r.as_dict() for r in results]}
     rows = [(r.name, r.figure, r.unit, "-" if r.baseline is None else r.baseline,
-             "-" if r.ratio is None else f"{r.ratio:.1f}x", r.note) for r in results]
-    t = table("refground bench" + (" (quick)" if quick else ""), ["name", "figure", "unit", "baseline", "ratio", "note"], rows)
+             "-" if r.ratio is None else f"{r.ratio:.1f}x") for r in results]
+    t = table("refground bench" + (" (quick)" if quick else ""), ["name", "figure", "unit", "baseline", "ratio"], rows)
     emit(payload, as_json, [t], out or cache_root(cache) / "bench" / ("bench-quick.json" if quick else "bench.json"))
+    if not as_json:  # notes are sentences: under the table, not squeezed into a column
+        for r in results:
+            if r.note:
+                info(f"  {r.name}: {r.note}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ def install_progress() -> None:
 
 def info(message: str) -> None:
     """A status line on stderr (stdout stays clean for --json)."""
+    sys.stdout.flush()  # keep the order of the two streams when both go to one pipe
     err.print(message)
 
 

@@ -16,8 +16,8 @@ from refground.data.formats._common import check_name, file_fingerprint
 from refground.data.formats.flickr30k import ANNOTATIONS, SENTENCES, SIDECAR, SPLITS
 from refground.data.formats.refer import INSTANCES, check_split_by, refs_filename
 from refground.data.model import Dataset
-from refground.data.store import dataset_dir, load_dataset, load_named, read_manifest, save_dataset
-from refground.errors import ArtifactError, UsageError
+from refground.data.store import dataset_dir, is_complete_with, load_dataset, load_named, save_dataset
+from refground.errors import UsageError
 
 RootOpt = Annotated[Path, typer.Option("--root", help="Folder holding the annotation files (layout: see the command "
                                        "description).", show_default=False)]
@@ -36,14 +36,9 @@ def _import(command: str, name: str, cache: Optional[Path], force: bool, as_json
     directory = dataset_dir(name, cache)
     skipped = False
     ds = None
-    if not force and (directory / "manifest.json").is_file():
-        try:
-            same = read_manifest(directory).get("params") == params
-        except ArtifactError:
-            same = False
-        if same:
-            info(f"{directory}: complete with the same inputs; skipping (use --force to import again)")
-            ds, skipped = load_dataset(directory), True
+    if not force and is_complete_with(directory, params):
+        info(f"{directory}: complete with the same inputs; skipping (use --force to import again)")
+        ds, skipped = load_dataset(directory), True
     if ds is None:
         ds = make()  # raises before anything is written: a failed import leaves no folder behind
         save_dataset(ds, directory, command=command, params=params)

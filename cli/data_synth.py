@@ -10,10 +10,9 @@ import typer
 from refground.cli.apps import data_app
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
-from refground.data.store import dataset_dir, load_dataset, read_manifest
+from refground.data.store import dataset_dir, is_complete_with, load_dataset
 from refground.data.synth import DEFAULT_FRACTIONS, params_dict, summary, write_synthetic
 from refground.data.synth.generate import check_params
-from refground.errors import ArtifactError
 
 
 @data_app.command("synth")
@@ -37,15 +36,10 @@ def synth(
     params = params_dict(dataset, images, seed, image_size, DEFAULT_FRACTIONS)
     t0 = time.perf_counter()
     skipped = False
-    if not force and (directory / "manifest.json").is_file():
-        try:
-            same = read_manifest(directory).get("params") == params
-        except ArtifactError:
-            same = False
-        if same:
-            info(f"{directory}: complete with the same parameters; skipping (use --force to regenerate)")
-            ds = load_dataset(directory)
-            skipped = True
+    if not force and is_complete_with(directory, params):
+        info(f"{directory}: complete with the same parameters; skipping (use --force to regenerate)")
+        ds = load_dataset(directory)
+        skipped = True
     if not skipped:
         ds = write_synthetic(directory, name=dataset, num_images=images, seed=seed, image_size=image_size,
                              workers=workers)

@@ -46,7 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--debug"]
     install_progress()
     try:
-        app(args=args, prog_name="refground", standalone_mode=False)
+        # Outside standalone mode Typer returns the code of an Exit (and maps Ctrl-C to Exit(130))
+        # instead of raising it; our commands themselves return None.
+        code = app(args=args, prog_name="refground", standalone_mode=False)
+        if isinstance(code, int) and not isinstance(code, bool) and code != 0:
+            if code == 130:
+                err.print("interrupted")
+            return code
     except _EXIT as exc:
         return int(exc.exit_code)
     except _ABORT:

@@ -94,3 +94,48 @@ def test_bench_lists_and_runs_quick(capsys, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text()) == payload
     code, _, err = run(capsys, "bench", "no_such_bench")
     assert code == 2 and "unknown benchmark(s) no_such_bench" in err
+
+
+def _copy_dataset(src_cache: Path, dst_cache: Path, name: str = "synth") -> Path:
+    import shutil
+
+    dst = dst_cache / name / "dataset"
+    shutil.copytree(src_cache / "synth" / "dataset", dst)
+    return dst
+
+
+def test_half_written_dataset_is_refused(capsys, synth_cache, tmp_path):
+    ds_dir = _copy_dataset(synth_cache, tmp_path)
+    manifest = ds_dir / "manifest.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "complete": False}))
+    code, _, err = run(capsys, "data", "stats", "--cache", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1
+    assert str(manifest) in err and "incomplete" in err and "re-run the step that made it" in err
+
+    manifest.write_text(json.dumps(data))
+    (ds_dir / "annotations" / "object_boxes.npy").unlink()
+    code, _, err = run(capsys, "data", "stats", "--cache", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "missing column file object_boxes" in err
+
+
+def test_interrupted_synth_leaves_nothing_and_keeps_the_old_dataset(capsys, synth_cache, tmp_path, monkeypatch):
+    import refground.data.synth.generate as generate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generate, "validate_dataset", interrupt)  # after all images are written to staging
+    args = ("data", "synth", "--images", "6", "--image-size", "64", "--workers", "1", "--cache", str(tmp_path))
+    code, _, err = run(capsys, *args)
+    assert code == 130 and "interrupted" in err
+    assert list((tmp_path / "synth").iterdir()) == []  # no dataset, no staging folder
+
+    ds_dir = _copy_dataset(synth_cache, tmp_path, "kept")
+    before = sorted(p.name for p in (ds_dir / "annotations").iterdir())
+    code, _, _ = run(capsys, *args[:-2], "--dataset", "kept", "--force", "--cache", str(tmp_path))
+    assert code == 130
+    assert sorted(p.name for p in (ds_dir / "annotations").iterdir()) == before
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["dataset"]
+    code, out, _ = run(capsys, "data", "stats", "--dataset", "kept", "--cache", str(tmp_path), "--json")
+    assert code == 0 and json.loads(out)["images"] == 24

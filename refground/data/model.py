@@ -31,6 +31,10 @@ import numpy as np
 from refground.errors import DataError, UsageError
 
 TASKS = ("expression", "caption")
+# Query.kind values of the synthetic world, in the order tables list them (real data leaves kind "").
+EXPRESSION_KINDS = ("category", "attribute", "location", "size", "relation1", "relation2")
+RELATION_KINDS = ("relation1", "relation2")
+KIND_ORDER = EXPRESSION_KINDS + ("caption",)
 ROLES = ("referent", "context")
 
 # Split names as the refer API understands them. A query's stored split may be a compound such as

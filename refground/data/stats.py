@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from refground.data.model import TASKS, Dataset
+from refground.data.model import KIND_ORDER, RELATION_KINDS, TASKS, Dataset
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -41,11 +41,12 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
     n_expr = int(expr.sum())
     kind_counts = Counter(kinds[expr].tolist())
     kind_stats: dict[str, dict[str, Any]] = {}
-    for kind, count in sorted(kind_counts.items()):
+    order = {k: i for i, k in enumerate(KIND_ORDER)}
+    for kind, count in sorted(kind_counts.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         sel = expr & (kinds == kind)
         kind_stats[kind or "(unlabelled)"] = {"count": int(count), "share": round(count / n_expr, 4),
                                              "length": _summary(n_tokens[sel])}
-    relation_share = sum(kind_counts.get(k, 0) for k in ("relation1", "relation2")) / n_expr if n_expr else 0.0
+    relation_share = sum(kind_counts.get(k, 0) for k in RELATION_KINDS) / n_expr if n_expr else 0.0
     per_image = np.diff(ds.image_object_offsets)
     categories = Counter(ds.categories[i] for i in ds.object_categories.tolist())
     return {

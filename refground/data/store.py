@@ -104,6 +104,19 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def is_complete_with(directory: Path, params: dict[str, Any]) -> bool:
+    """Whether ``directory`` holds a complete dataset made with exactly ``params`` (so a step can skip).
+
+    A missing, incomplete or unreadable manifest is simply "no": the step then redoes the work.
+    """
+    if not (Path(directory) / "manifest.json").is_file():
+        return False
+    try:
+        return read_manifest(directory).get("params") == params
+    except ArtifactError:
+        return False
+
+
 def load_dataset(directory: Path) -> Dataset:
     """Load a dataset folder written by :func:`save_dataset`."""
     directory = Path(directory)

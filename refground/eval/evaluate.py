@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from refground import masks as rmasks
-from refground.data.model import TASKS, Dataset, Query, check_split_name
+from refground.data.model import KIND_ORDER, TASKS, Dataset, Query, check_split_name
 from refground.errors import DataError, UsageError
 from refground.eval.metrics import (
     IOU_THRESHOLD, MASK_THRESHOLDS, MULTI_BOX, POINT_IN, RECALL_NS, box_accuracy_hits,
@@ -45,7 +45,6 @@ from refground.eval.metrics import (
 from refground.eval.predictions import PhrasePrediction, Predictions, QueryPrediction, read_predictions
 
 SECTIONS = ("comprehension", "segmentation", "proposals", "phrase_grounding")
-KIND_ORDER = ("category", "attribute", "location", "size", "relation1", "relation2", "caption")
 
 Figures = dict[str, Any]
 

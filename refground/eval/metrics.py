@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from refground import masks as rmasks
-from refground.boxes import box_iou, elementwise_box_iou
+from refground.boxes import box_centers, box_iou, elementwise_box_iou
 
 IOU_THRESHOLD = 0.5
 MASK_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -158,12 +158,6 @@ def phrase_accuracy(pred_boxes: Any, gt_boxes: Sequence[Any], multi_box: str = "
 
 
 # ---------------------------------------------------------------------------------------- PointIt
-def _box_centers(boxes: Any) -> np.ndarray:
-    """Centres ``float64[N, 2]`` (cx, cy) of xyxy boxes."""
-    b = as_boxes(boxes)
-    return np.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2], axis=1)
-
-
 def _dense(mask: Any) -> np.ndarray:
     if isinstance(mask, dict):
         return rmasks.decode(mask)
@@ -205,7 +199,7 @@ def pointit_hits(pred_boxes: Any, gt_boxes: Any, gt_masks: Sequence[Any] | None 
     """
     if point_in not in POINT_IN:
         raise ValueError(f"point_in must be one of {POINT_IN}, got {point_in!r}")
-    centers = _box_centers(pred_boxes)
+    centers = box_centers(torch.from_numpy(as_boxes(pred_boxes))).numpy()
     lists = _box_lists(gt_boxes)
     if len(centers) != len(lists):
         raise ValueError(f"{len(centers)} predicted boxes for {len(lists)} ground-truth regions")

@@ -49,21 +49,12 @@ Box = tuple[float, float, float, float]
 FIELDS = ("query_id", "mention", "image_id", "box", "score", "boxes", "scores", "mask")
 
 
-@dataclass(frozen=True, slots=True)
-class QueryPrediction:
-    """A query line: top-1 ``box``, ranked ``boxes`` (+ ``scores``) and/or a ``mask`` (RLE dict).
+class _BoxChoice:
+    """Top-1 and ranked boxes of a line that has ``box`` and/or ``boxes`` (shared by both line types)."""
 
-    ``line`` is the 1-based line (or item) number it came from; it does not take part in equality.
-    """
-
-    query_id: int
-    box: Box | None = None
-    score: float | None = None
-    boxes: tuple[Box, ...] | None = None
-    scores: tuple[float, ...] | None = None
-    mask: dict[str, Any] | None = None
-    image_id: int | None = None
-    line: int = field(default=0, compare=False)
+    __slots__ = ()
+    box: Box | None
+    boxes: tuple[Box, ...] | None
 
     @property
     def top_box(self) -> Box | None:
@@ -81,7 +72,24 @@ class QueryPrediction:
 
 
 @dataclass(frozen=True, slots=True)
-class PhrasePrediction:
+class QueryPrediction(_BoxChoice):
+    """A query line: top-1 ``box``, ranked ``boxes`` (+ ``scores``) and/or a ``mask`` (RLE dict).
+
+    ``line`` is the 1-based line (or item) number it came from; it does not take part in equality.
+    """
+
+    query_id: int
+    box: Box | None = None
+    score: float | None = None
+    boxes: tuple[Box, ...] | None = None
+    scores: tuple[float, ...] | None = None
+    mask: dict[str, Any] | None = None
+    image_id: int | None = None
+    line: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PhrasePrediction(_BoxChoice):
     """A phrase line: the box for mention ``mention`` of caption query ``query_id``."""
 
     query_id: int
@@ -92,12 +100,6 @@ class PhrasePrediction:
     scores: tuple[float, ...] | None = None
     image_id: int | None = None
     line: int = field(default=0, compare=False)
-
-    @property
-    def top_box(self) -> Box | None:
-        if self.box is not None:
-            return self.box
-        return self.boxes[0] if self.boxes else None
 
 
 Prediction = Union[QueryPrediction, PhrasePrediction]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from refground.data.model import Dataset, Image, Mention, Object, Query, Relation
+from refground.data.model import RELATION_KINDS, Dataset, Image, Mention, Object, Query, Relation
 from refground.data.store import dataset_writer, finish_dataset
 from refground.data.synth.language import KINDS, Facts, Sentence, captions, expressions
 from refground.data.synth.render import render, save_png
@@ -233,7 +233,7 @@ def summary(ds: Dataset) -> dict[str, Any]:
     kinds = Counter(k for k, t in zip(ds.query_kinds, ds.query_tasks.tolist()) if t == 0)
     n_expr = sum(kinds.values())
     per_image = np.diff(ds.image_object_offsets)
-    rel = kinds.get("relation1", 0) + kinds.get("relation2", 0)
+    rel = sum(kinds.get(k, 0) for k in RELATION_KINDS)
     return {
         "images": ds.num_images,
         "objects": ds.num_objects,

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from refground.data.model import EXPRESSION_KINDS
 from refground.data.synth.scene import Scene
 from refground.data.synth.world import (CAPTION_OPENERS, CARRIERS, CATEGORIES, CATEGORY_GROUPS, COLOR_NAMES,
                                         CONNECTORS, COUNT_WORDS, FILLER_NOUNS, GEN_LOCATION_MARGIN,
@@ -36,7 +37,7 @@ from refground.data.synth.world import (CAPTION_OPENERS, CARRIERS, CATEGORIES, C
                                         REL_RELAXED_DIST, REL_RELAXED_DOMINANCE, RELATION_MAX_DIST,
                                         RELATION_WORDS, RELATIONS, SIZE_COMPARE, SIZE_COMPARE_TWO, SIZES)
 
-KINDS = ("category", "attribute", "location", "size", "relation1", "relation2")
+KINDS = EXPRESSION_KINDS
 # Relative preference of kinds when a referent admits several (tuned so that about 40% of expressions
 # use a relation and about 15% are second order; see tests/test_synth.py for the enforced minimums).
 KIND_WEIGHTS = {"category": 0.7, "attribute": 1.1, "location": 1.0, "size": 0.8, "relation1": 2.2,
