@@ -4,7 +4,7 @@
 set -euo pipefail
 CACHE=${1:-cache}
 refground data synth --images 200 --dataset synth_small --cache "$CACHE"
-refground data export --dataset synth_small --format refer --out "$CACHE/export/refer" --cache "$CACHE"
+refground data export --dataset synth_small --format refer --name refcoco --out "$CACHE/export/refer" --cache "$CACHE"
 refground data export --dataset synth_small --format flickr30k --out "$CACHE/export/flickr30k" --cache "$CACHE"
 refground data import-refcoco --root "$CACHE/export/refer" --dataset refcoco --split-by unc \
     --images "$CACHE/export/refer/images" --name synth_small_refer --cache "$CACHE" --force
