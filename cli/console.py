@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -19,8 +20,13 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def out() -> Console:
-    """A stdout console created per call, so test harnesses that swap sys.stdout see the output."""
-    return Console(highlight=False, soft_wrap=True)
+    """A stdout console created per call, so test harnesses that swap sys.stdout see the output.
+
+    Piped output (logs, CI) gets 140 columns instead of rich's 80 so wide tables stay readable."""
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(highlight=False, soft_wrap=True, width=140)
+    return console
 
 
 def _rich_tracker(iterable: Iterable, total: int | None, description: str) -> Iterable:

@@ -139,3 +139,12 @@ def test_interrupted_synth_leaves_nothing_and_keeps_the_old_dataset(capsys, synt
     assert [p.name for p in (tmp_path / "kept").iterdir()] == ["dataset"]
     code, out, _ = run(capsys, "data", "stats", "--dataset", "kept", "--cache", str(tmp_path), "--json")
     assert code == 0 and json.loads(out)["images"] == 24
+
+
+@pytest.mark.parametrize("command", [
+    ("data", "synth"), ("data", "stats"), ("data", "import-refcoco"), ("data", "import-referit"),
+    ("data", "import-flickr30k"), ("data", "export"), ("eval",), ("bench",),
+])
+def test_every_command_reporting_figures_has_json(capsys, command):
+    code, out, _ = run(capsys, *command, "--help")
+    assert code == 0 and "--json" in out

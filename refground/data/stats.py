@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from refground.data.model import KIND_ORDER, RELATION_KINDS, TASKS, Dataset
+from refground.data.model import BASE_SPLITS, KIND_ORDER, RELATION_KINDS, TASKS, Dataset
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -30,7 +30,9 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
     qsplits = np.array(ds.query_splits, dtype=object)
 
     splits: dict[str, dict[str, int]] = {}
-    for split in dict.fromkeys(list(ds.image_splits) + list(ds.query_splits)):
+    seen = dict.fromkeys(list(ds.image_splits) + list(ds.query_splits))
+    known = [s for s in BASE_SPLITS if s in seen]
+    for split in known + [s for s in seen if s not in known]:
         in_split = qsplits == split
         splits[split or "(none)"] = {
             "images": int(sum(1 for s in ds.image_splits if s == split)),
