@@ -13,9 +13,6 @@ from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, OutOpt, SplitOp
 from refground.data.model import check_split_name
 from refground.data.store import load_named
 from refground.errors import UsageError
-from refground.eval.evaluate import evaluate
-from refground.eval.metrics import MULTI_BOX, POINT_IN
-from refground.eval.predictions import read_predictions
 
 PredictionsOpt = Annotated[
     Optional[Path],
@@ -65,6 +62,11 @@ def eval_command(
     to --out (default: beside the predictions file, <stem>.eval-<split>.json).
     """
     check_split_name(split)
+    # Imported here: the metrics pull in torch, which would cost every other command a second at start-up.
+    from refground.eval.evaluate import evaluate
+    from refground.eval.metrics import MULTI_BOX, POINT_IN
+    from refground.eval.predictions import read_predictions
+
     if multi_box not in MULTI_BOX:
         raise UsageError(f"--multi-box must be one of: {', '.join(MULTI_BOX)} (got {multi_box!r})")
     if point_in not in POINT_IN:
