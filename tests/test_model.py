@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 
 from refground.data.model import Dataset, Image, Mention, Object, Query, Relation, split_matches

@@ -12,14 +12,14 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from refground.data.model import RELATION_KINDS, Dataset, Image, Mention, Object, Query, Relation
+from refground.data.model import Dataset, Image, Mention, Object, Query, Relation
+from refground.data.stats import dataset_stats
 from refground.data.store import dataset_writer, finish_dataset
 from refground.data.synth.language import KINDS, Facts, Sentence, captions, expressions
 from refground.data.synth.render import render, save_png
@@ -229,21 +229,17 @@ def write_synthetic(directory: Path, name: str = "synth", num_images: int = 5000
 
 
 def summary(ds: Dataset) -> dict[str, Any]:
-    """Counts of a synthetic dataset: images, objects, expressions by kind, captions, shares, splits."""
-    kinds = Counter(k for k, t in zip(ds.query_kinds, ds.query_tasks.tolist()) if t == 0)
-    n_expr = sum(kinds.values())
-    per_image = np.diff(ds.image_object_offsets)
-    rel = sum(kinds.get(k, 0) for k in RELATION_KINDS)
+    """Counts of a synthetic dataset: images, objects, expressions by kind, captions, shares, splits
+    (a view of :func:`refground.data.stats.dataset_stats`, which defines each figure)."""
+    s = dataset_stats(ds)
     return {
-        "images": ds.num_images,
-        "objects": ds.num_objects,
-        "objects_per_image": {"mean": float(per_image.mean()) if len(per_image) else 0.0,
-                              "min": int(per_image.min()) if len(per_image) else 0,
-                              "max": int(per_image.max()) if len(per_image) else 0},
-        "expressions": n_expr,
-        "expressions_by_kind": {k: int(kinds.get(k, 0)) for k in KINDS},
-        "relation_share": rel / n_expr if n_expr else 0.0,
-        "second_order_share": kinds.get("relation2", 0) / n_expr if n_expr else 0.0,
-        "captions": int((ds.query_tasks == 1).sum()),
-        "images_by_split": {s: int(c) for s, c in sorted(Counter(ds.image_splits).items())},
+        "images": s["images"],
+        "objects": s["objects"],
+        "objects_per_image": s["objects_per_image"],
+        "expressions": s["expressions"],
+        "expressions_by_kind": {k: s["kinds"].get(k, {}).get("count", 0) for k in KINDS},
+        "relation_share": s["relation_share"],
+        "second_order_share": s["second_order_share"],
+        "captions": s["captions"],
+        "images_by_split": {k: v["images"] for k, v in s["splits"].items() if v["images"]},
     }
