@@ -148,3 +148,30 @@ def test_interrupted_synth_leaves_nothing_and_keeps_the_old_dataset(capsys, synt
 def test_every_command_reporting_figures_has_json(capsys, command):
     code, out, _ = run(capsys, *command, "--help")
     assert code == 0 and "--json" in out
+
+
+def test_show_draws_predictions_and_proposals(capsys, synth_cache, synth_ds, tmp_path):
+    import numpy as np
+
+    from refground.eval.predictions import write_predictions
+    from refground.viz import PRED, PROPOSAL
+
+    q = synth_ds.queries("train", task="expression")[0]
+    others = [o.box for o in synth_ds.objects_of(q.image_id) if o.id != q.referent_object_id]
+    preds = tmp_path / "p.jsonl"
+    write_predictions(preds, [{"query_id": q.id, "boxes": [list(b) for b in others]}])
+
+    def colour_pixels(png: Path, colour) -> int:
+        with PILImage.open(png) as im:
+            return int((np.asarray(im.convert("RGB")) == np.array(colour)).all(axis=2).sum())
+
+    plain, drawn = tmp_path / "plain.png", tmp_path / "drawn.png"
+    assert run(capsys, "show", "--cache", str(synth_cache), "-q", str(q.id), "-o", str(plain))[0] == 0
+    code, _, err = run(capsys, "show", "--cache", str(synth_cache), "-q", str(q.id), "-o", str(drawn),
+                       "--predictions", str(preds), "--proposals", "3")
+    assert code == 0, err
+    assert colour_pixels(plain, PRED) == 0 and colour_pixels(drawn, PRED) > 100
+    assert colour_pixels(plain, PROPOSAL) == 0 and colour_pixels(drawn, PROPOSAL) > 20
+    other = synth_ds.queries("train", task="expression")[1]
+    code, _, err = run(capsys, "show", "--cache", str(synth_cache), "-q", str(other.id), "--predictions", str(preds))
+    assert code == 2 and f"no prediction for query {other.id}" in err
