@@ -80,8 +80,8 @@ def test_unknown_split_is_a_usage_error():
 
 
 @pytest.mark.parametrize("box,message", [
-    ((-1.0, 0.0, 5.0, 5.0), "outside its image"),
-    ((0.0, 0.0, 41.0, 5.0), "outside its image"),
+    ((-1.0, 0.0, 5.0, 5.0), "lies outside the 40x30 image"),
+    ((0.0, 0.0, 41.0, 5.0), "lies outside the 40x30 image"),
     ((3.0, 3.0, 3.0, 9.0), "zero area"),
 ])
 def test_validation_rejects_bad_boxes(box, message):

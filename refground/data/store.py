@@ -109,8 +109,6 @@ def is_complete_with(directory: Path, params: dict[str, Any]) -> bool:
 
     A missing, incomplete or unreadable manifest is simply "no": the step then redoes the work.
     """
-    if not (Path(directory) / "manifest.json").is_file():
-        return False
     try:
         return read_manifest(directory).get("params") == params
     except ArtifactError:

@@ -11,26 +11,52 @@ from refground.data.model import TASKS, Dataset
 from refground.errors import DataError
 
 
+def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray,
+                tolerance: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Classify boxes ``float64[M, 4]`` (xyxy) against their image sizes ``[M]``.
+
+    Returns ``(clipped_boxes, clipped, bad)``: ``clipped`` marks boxes at most ``tolerance`` pixels outside
+    the image (clipped in the returned array; importers of real annotations allow one pixel); ``bad`` marks
+    non-finite boxes, boxes further outside, and boxes of zero area after clipping.
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
+    w = np.asarray(width, dtype=np.float64)
+    h = np.asarray(height, dtype=np.float64)
+    finite = np.isfinite(b).all(axis=1)
+    lo = np.zeros_like(b)
+    hi = np.stack([w, h, w, h], axis=1)
+    over = np.maximum(lo - b, b - hi).max(axis=1) if len(b) else np.zeros(0)
+    far = ~finite | (over > tolerance)
+    clipped = finite & (over > 0) & ~far
+    b[clipped] = np.clip(b[clipped], lo[clipped], hi[clipped])
+    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    return b, clipped, far | (finite & empty)
+
+
+def box_problem(box: np.ndarray, width: float, height: float) -> str:
+    """A words-only description of why ``box`` (xyxy) is invalid for a ``width x height`` image."""
+    if not np.isfinite(box).all():
+        return "is not finite"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return "has zero area"
+    return f"lies outside the {int(width)}x{int(height)} image"
+
+
 def validate_dataset(ds: Dataset, source: str = "") -> None:
     """Raise :class:`DataError` on the first problem: boxes outside the image or of zero area, empty
     queries, mention spans outside the tokens, mentions linked to objects of another image, relation
     indices outside the query's mentions, expressions without exactly one referent object."""
     where = source or f"dataset {ds.name}"
-    # Boxes: inside the image (continuous coordinates, so x2 <= width) and of positive area.
+    # Boxes: inside the image (continuous coordinates, so x2 <= width), finite, of positive area.
     if ds.num_objects:
         img_rows = np.array([ds._image_pos[int(i)] for i in ds.object_image_ids], dtype=np.int64)
-        w = ds.image_width[img_rows].astype(np.float64)
-        h = ds.image_height[img_rows].astype(np.float64)
-        b = ds.object_boxes
-        bad_finite = ~np.isfinite(b).all(axis=1)
-        outside = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h)
-        empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-        for name, mask in (("is not finite", bad_finite), ("lies outside its image", outside),
-                           ("has zero area", empty)):
-            if mask.any():
-                k = int(np.flatnonzero(mask)[0])
-                raise DataError(f"{where}: object {int(ds.object_ids[k])} box {b[k].tolist()} {name} "
-                                f"(image {int(ds.object_image_ids[k])}, {int(w[k])}x{int(h[k])})")
+        w, h = ds.image_width[img_rows], ds.image_height[img_rows]
+        _, _, bad = check_boxes(ds.object_boxes, w, h)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            box = ds.object_boxes[k]
+            raise DataError(f"{where}: object {int(ds.object_ids[k])} box {box.tolist()} "
+                            f"{box_problem(box, w[k], h[k])} (image {int(ds.object_image_ids[k])})")
     # Queries: non-empty text; single-space tokens.
     for k, text in enumerate(ds.query_texts):
         if not text.strip():

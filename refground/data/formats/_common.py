@@ -1,4 +1,4 @@
-"""Helpers shared by the format readers and writers: image copying, file fingerprints, box checks."""
+"""Helpers shared by the format readers and writers: image copying, file fingerprints, the clip tolerance."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ import shutil
 import uuid
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from refground.data.model import Dataset
 from refground.errors import DataError, UsageError
@@ -36,36 +34,6 @@ def file_fingerprint(*paths: Path) -> list[list[Any]]:
         except OSError:
             out.append([str(p), -1, -1])
     return out
-
-
-def check_boxes(boxes: np.ndarray, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Classify boxes ``float64[M, 4]`` (xyxy) against their image sizes ``[M]``.
-
-    Returns ``(clipped_boxes, clipped, bad)``: ``clipped`` marks boxes at most :data:`CLIP_TOLERANCE`
-    pixels outside the image (clipped in the returned array); ``bad`` marks non-finite boxes, boxes
-    further outside, and boxes of zero area after clipping.
-    """
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).copy()
-    w = np.asarray(width, dtype=np.float64)
-    h = np.asarray(height, dtype=np.float64)
-    finite = np.isfinite(b).all(axis=1)
-    lo = np.zeros_like(b)
-    hi = np.stack([w, h, w, h], axis=1)
-    over = np.maximum(lo - b, b - hi).max(axis=1) if len(b) else np.zeros(0)
-    far = ~finite | (over > CLIP_TOLERANCE)
-    clipped = finite & (over > 0) & ~far
-    b[clipped] = np.clip(b[clipped], lo[clipped], hi[clipped])
-    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
-    return b, clipped, far | (finite & empty)
-
-
-def box_problem(box: np.ndarray, width: float, height: float) -> str:
-    """A words-only description of why ``box`` (xyxy) is invalid for a ``width x height`` image."""
-    if not np.isfinite(box).all():
-        return "is not finite"
-    if box[2] <= box[0] or box[3] <= box[1]:
-        return "has zero area"
-    return f"lies outside the {int(width)}x{int(height)} image"
 
 
 def copy_images(ds: Dataset, dest: Path) -> tuple[int, int]:

@@ -63,9 +63,9 @@ from typing import Any
 import numpy as np
 
 from refground.atomic import atomic_dir, atomic_file
-from refground.data.formats._common import box_problem, check_boxes, copy_images, read_text
+from refground.data.formats._common import CLIP_TOLERANCE, copy_images, read_text
 from refground.data.model import ROLES, Dataset, Image, Mention, Object, Query, Relation
-from refground.data.validate import validate_dataset
+from refground.data.validate import box_problem, check_boxes, validate_dataset
 from refground.errors import DataError
 from refground.progress import track
 
@@ -273,7 +273,7 @@ def import_flickr30k(
         w, h = ann["width"], ann["height"]
         coords = np.array([c for _, c in ann["boxes"]], dtype=np.float64).reshape(-1, 4)
         boxes = coords - np.array([1.0, 1.0, 0.0, 0.0])  # 1-based inclusive -> continuous 0-based
-        boxes, clip, bad = check_boxes(boxes, np.full(len(boxes), w), np.full(len(boxes), h))
+        boxes, clip, bad = check_boxes(boxes, np.full(len(boxes), w), np.full(len(boxes), h), CLIP_TOLERANCE)
         if bad.any() and not skip_invalid:
             k = int(np.flatnonzero(bad)[0])
             raise DataError(f"{xml_path}: <object> (entity {'/'.join(ann['boxes'][k][0])}) box "

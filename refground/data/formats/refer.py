@@ -50,10 +50,10 @@ from pycocotools import mask as cocomask
 
 from refground import masks as rmasks
 from refground.atomic import atomic_dir
-from refground.data.formats._common import box_problem, check_boxes, check_name, copy_images
+from refground.data.formats._common import CLIP_TOLERANCE, check_name, copy_images
 from refground.data.formats.safe_pickle import load_restricted
 from refground.data.model import ROLES, Dataset, Image, Mention, Object, Query, Relation
-from refground.data.validate import validate_dataset
+from refground.data.validate import box_problem, check_boxes, validate_dataset
 from refground.errors import DataError, UsageError
 from refground.progress import track
 
@@ -188,7 +188,7 @@ def _read_instances(path: Path, skip_invalid: bool) -> dict[str, Any]:
 
     img_w = np.array([image_info[a["image_id"]]["width"] for a in anns], dtype=np.float64)
     img_h = np.array([image_info[a["image_id"]]["height"] for a in anns], dtype=np.float64)
-    boxes, clipped, bad = check_boxes(boxes, img_w, img_h)
+    boxes, clipped, bad = check_boxes(boxes, img_w, img_h, CLIP_TOLERANCE)
     if bad.any() and not skip_invalid:
         k = int(np.flatnonzero(bad)[0])
         a = anns[k]
