@@ -15,3 +15,8 @@ app = typer.Typer(
 data_app = typer.Typer(help="Datasets: generate the synthetic world, import/export real formats, statistics.",
                        no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train a model: the built-in detector, and the methods (later issues).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+cache_app = typer.Typer(help="The artifact cache: list what is there, verify it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")

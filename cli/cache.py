@@ -1,0 +1,66 @@
+"""`refground cache ls` and `refground cache verify`: what is in the artifact cache, and is it sound."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from refground.cli.apps import cache_app
+from refground.cli.console import emit, table
+from refground.cli.options import CacheOpt, JsonOpt
+from refground.data.store import cache_root
+from refground.errors import ArtifactError
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _rows(entries) -> list[tuple]:
+    return [(e.dataset, e.kind, e.name, e.status, _human(e.size), e.created, e.fingerprint[:12],
+             "; ".join(e.problems) or e.detail) for e in entries]
+
+
+COLUMNS = ["dataset", "kind", "name", "status", "size", "created", "fingerprint", "detail"]
+
+
+@cache_app.command("ls")
+def ls(cache: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """List datasets, artifacts (features, dense, clip, graph, pseudo, runs), resumable partial jobs and
+    leftovers of killed processes, with status, size and fingerprint."""
+    from refground.cache.listing import list_cache
+
+    root = cache_root(cache)
+    entries = list_cache(root)
+    emit({"root": str(root), "entries": [e.as_dict() for e in entries]}, as_json,
+         [table(f"cache {root}", COLUMNS, _rows(entries))])
+
+
+@cache_app.command("verify")
+def verify(
+    cache: CacheOpt = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Delete leftovers of killed processes "
+                                        "(.NAME.tmp-*/.NAME.old-*); partial jobs stay (they resume).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check every artifact: manifest complete, inputs unchanged since it was made (else stale: re-run the
+    step), HDF5/zarr readable with arrays consistent with their offsets. Exits 2 if anything is wrong."""
+    from refground.cache.listing import verify as verify_cache
+
+    root = cache_root(cache)
+    entries = verify_cache(root, sweep=sweep)
+    bad = [e for e in entries if e.status in ("stale", "damaged", "incomplete")
+           or (e.status == "leftover" and not sweep)]
+    emit({"root": str(root), "ok": not bad, "entries": [e.as_dict() for e in entries]}, as_json,
+         [table(f"cache {root}", COLUMNS, _rows(entries))])
+    if bad:
+        e = bad[0]
+        raise ArtifactError(f"{len(bad)} problem(s); first: {e.path}: {e.status}"
+                            + (f" ({'; '.join(e.problems)})" if e.problems else "")
+                            + ("; run `refground cache verify --sweep`" if e.status == "leftover" else
+                               "; re-run the step that made it"))

@@ -1,0 +1,80 @@
+"""`refground extract` (and `extract merge`): proposals, region features, dense maps, CLIP embeddings."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from refground.cli.apps import app
+from refground.cli.console import emit, info, table
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
+
+extract_app = typer.Typer(help="Extract proposals, region features, dense maps and CLIP embeddings into the cache.",
+                          invoke_without_command=True)
+app.add_typer(extract_app, name="extract")
+
+ClipOpt = Annotated[str, typer.Option("--clip", help="CLIP model folder (hf:PATH or PATH, saved with "
+                                      "save_pretrained): also write clip/<model>.h5.")]
+
+
+@extract_app.callback()
+def extract(
+    ctx: typer.Context,
+    dataset: DatasetOpt = "synth",
+    cache: CacheOpt = None,
+    detector: Annotated[str, typer.Option("--detector", help="Proposal source: builtin[:NAME] (a `refground train "
+                                          "detector` run), hf:PATH (transformers object detector), "
+                                          "mattnet:FILE (MAttNet detections JSON) or none.")] = "builtin",
+    backbone: Annotated[str, typer.Option("--backbone", help="Region-feature source: builtin[:NAME] or hf:PATH "
+                                          "(transformers AutoBackbone; RoIAlign over its map). Default: the "
+                                          "detector's own.")] = "",
+    clip: ClipOpt = "",
+    max_proposals: Annotated[int, typer.Option("--max-proposals", "-n", help="Proposals kept per image (after NMS, "
+                                               "best first).")] = 100,
+    dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Also write dense maps at strides 8/16/32 "
+                                        "to dense/<name>.zarr.")] = True,
+    dense_size: Annotated[int, typer.Option("--dense-size", help="Side the image is resized to for dense maps "
+                                            "(0: the dataset's own square size, else 512).")] = 0,
+    name: Annotated[str, typer.Option("--name", help="Artifact name (default: from the detector, e.g. "
+                                      "detector-default).")] = "",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", help="Images per committed chunk (the unit of "
+                                            "resume and sharding; part of the job, keep it across shards).")] = 64,
+    shard: Annotated[str, typer.Option("--shard", help="K/N: compute the K-th of N disjoint blocks (N processes or "
+                                       "machines sharing the cache folder), then `refground extract merge`.")] = "",
+    force: ForceOpt = False,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write, for every image, up to N proposals (boxes, confidences, labels, class scores) with a region
+    feature each and the same features for every ground-truth object (features/<name>.h5), dense maps
+    (dense/<name>.zarr), and with --clip CLIP embeddings of images, crops, queries and category names.
+    Resumes after an interruption; skips artifacts that are complete and current (--force redoes them)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from refground.features.pipeline import extract_dataset
+
+    res = extract_dataset(dataset, cache, detector=detector, backbone=backbone, clip=clip,
+                          max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
+                          batch_size=batch_size, chunk_size=chunk_size, shard=shard, force=force, seed=seed)
+    if res.get("cache_hit"):
+        info("all artifacts complete and current: cache hit (use --force to recompute)")
+    rows = [(kind, a["status"], a["path"]) for kind, a in res["artifacts"].items()]
+    figures = [("seconds", res["seconds"])]
+    for key in ("images_computed", "images_per_second", "proposals_per_image", "feature_dim"):
+        if res.get(key) is not None:
+            figures.append((key.replace("_", " "), res[key]))
+    if res.get("pending"):
+        info(f"shard {res['shard']} done; when every shard is, run `refground extract merge --dataset {dataset}`")
+    emit(res, as_json, [table(f"extract {dataset} ({res['name']})", ["kind", "status", "path"], rows),
+                        table("figures", ["name", "value"], figures)])
+
+
+@extract_app.command("merge")
+def merge(dataset: DatasetOpt = "synth", cache: CacheOpt = None, clip: ClipOpt = "", as_json: JsonOpt = False) -> None:
+    """Assemble artifacts filled by `refground extract --shard K/N` runs once every shard is done."""
+    from refground.features.pipeline import merge as merge_shards
+
+    res = merge_shards(dataset, cache, clip=clip)
+    emit(res, as_json, [table(f"merged ({dataset})", ["path"], [(p,) for p in res["merged"]])])

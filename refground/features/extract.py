@@ -1,0 +1,283 @@
+"""``refground extract``: proposals, region features, dense maps and CLIP embeddings for every image.
+
+One pass over the dataset's images in fixed chunks (:class:`refground.cache.ChunkedJob`) fills up to three
+artifacts at once:
+
+- ``features/<name>.h5`` (:data:`FEATURES_FORMAT`)::
+
+      images/ids int64[I], images/sizes int32[I, 2] (height, width)
+      proposals/offsets int64[I + 1]; proposals/boxes float32[P, 4] xyxy pixels, scores float32[P],
+        labels int32[P], class_scores float16[P, C], features float16[P, D]   (best first per image)
+      objects/offsets int64[I + 1] (= the dataset's image_object_offsets); objects/ids int64[O],
+        objects/features float16[O, D]                                          (ground-truth objects)
+      attrs: format, version, feature_dim, class_names (JSON), max_proposals, sources (JSON identities)
+
+- ``dense/<name>.zarr`` (:mod:`refground.cache.zarrstore`): maps at strides 8/16/32 of every image resized
+  to ``dense_size``;
+
+- ``clip/<model>.h5`` (:data:`CLIP_FORMAT`)::
+
+      images/ids int64[I], images/embedding float16[I, E]            (whole image)
+      proposals/offsets, proposals/embedding float16[P, E]            (crops of the features artifact's proposals)
+      objects/offsets, objects/embedding float16[O, E]                (crops of ground-truth boxes)
+      queries/offsets, queries/ids int64[Q], queries/embedding float16[Q, E]   (queries grouped by image)
+      categories/embedding float16[C, E] + attr category_names        (one prompt per dataset category)
+
+Each artifact is assembled from its committed chunks when all are there, then its manifest is written;
+``--shard K/N`` computes one block of chunks and leaves assembly to ``refground extract merge``.
+Features are stored as float16 (halves the cache; the models are trained in float32 from them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refground.cache import ChunkedJob, Parent, RaggedH5, Shard, write_h5, write_manifest
+from refground.cache.zarrstore import write_zarr
+from refground.data.model import Dataset
+from refground.data.store import image_path
+from refground.errors import ArtifactError, UsageError
+from refground.features.base import DENSE_STRIDES, ClipEncoder, FeatureSource, ProposalSource, read_image
+from refground.progress import track
+
+FEATURES_FORMAT = "refground-features"
+CLIP_FORMAT = "refground-clip"
+DENSE_FORMAT = "refground-dense"
+FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+CLIP_PROMPT = "a photo of a {}."
+
+
+@dataclass
+class Target:
+    """One artifact a run fills: where it goes, its fingerprint and what its manifest will say."""
+
+    kind: str  # "features" | "dense" | "clip"
+    path: Path
+    step: str
+    params: dict[str, Any]
+    parents: dict[str, Parent]
+    fingerprint: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    job: ChunkedJob | None = None
+
+    def open(self, num_images: int, chunk_size: int) -> ChunkedJob:
+        """Open (or resume) the ``.partial`` folder and record the plan, so `extract merge` can finish it."""
+        self.job = ChunkedJob(self.path, self.fingerprint, num_images, chunk_size)
+        plan = self.job.dir / PLAN_FILE
+        if not plan.exists():
+            record = {"kind": self.kind, "path": str(self.path), "step": self.step, "params": self.params,
+                      "parents": {k: vars(p) for k, p in self.parents.items()}, "fingerprint": self.fingerprint,
+                      "attrs": self.attrs}
+            tmp = plan.with_name(".plan.json.tmp")
+            tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
+            tmp.replace(plan)
+        return self.job
+
+
+def _f16(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+    return a.astype(np.float16)
+
+
+def _concat(parts: list[np.ndarray], tail: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros((0, *tail), dtype=dtype)
+
+
+def crop(image: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """The pixels of ``box`` (xyxy, rounded outwards, at least 1 x 1 and inside the image)."""
+    h, w = image.shape[:2]
+    x1 = int(np.clip(np.floor(box[0]), 0, w - 1))
+    y1 = int(np.clip(np.floor(box[1]), 0, h - 1))
+    x2 = int(np.clip(np.ceil(box[2]), x1 + 1, w))
+    y2 = int(np.clip(np.ceil(box[3]), y1 + 1, h))
+    return image[y1:y2, x1:x2]
+
+
+class Extractor:
+    """Computes the chunk arrays of the wanted artifacts for a run of image rows.
+
+    ``proposals``: where boxes come from (None: read them from the complete features artifact
+    ``existing`` — used when only CLIP embeddings are missing); ``features``: region features and dense
+    maps (None: the proposals' own features, and no ground-truth object features);
+    ``clip``: embeddings (None: no CLIP artifact).
+    """
+
+    def __init__(self, ds: Dataset, proposals: ProposalSource | None, features: FeatureSource | None,
+                 clip: ClipEncoder | None, max_proposals: int, batch_size: int, dense_size: int,
+                 existing: RaggedH5 | None = None):
+        self.ds, self.proposals, self.features, self.clip = ds, proposals, features, clip
+        self.max_proposals, self.batch_size, self.dense_size = max_proposals, max(1, batch_size), dense_size
+        self.existing = existing
+        rows = np.searchsorted(ds.image_ids, ds.query_image_ids, sorter=np.argsort(ds.image_ids))
+        order = np.argsort(ds.image_ids)
+        q_rows = order[rows] if len(rows) else rows
+        # Queries grouped by image row (stable), for the CLIP artifact's queries section.
+        self.query_order = np.argsort(q_rows, kind="stable")
+        self.query_offsets = np.searchsorted(q_rows[self.query_order], np.arange(ds.num_images + 1))
+
+    def _proposals(self, images: list[np.ndarray], rows: range) -> list[dict[str, np.ndarray]]:
+        ds = self.ds
+        if self.proposals is None:
+            assert self.existing is not None
+            out = []
+            for r in rows:
+                out.append({f: self.existing.image("proposals", f, r)
+                            for f in ("boxes", "scores", "labels", "class_scores", "features")})
+            return out
+        props = self.proposals.propose(images, [int(ds.image_ids[r]) for r in rows], self.max_proposals)
+        out = []
+        for p in props:
+            out.append({"boxes": p.boxes.float().numpy(), "scores": p.scores.float().numpy(),
+                        "labels": p.labels.numpy().astype(np.int32), "class_scores": _f16(p.class_scores),
+                        "features": None if p.features is None else _f16(p.features)})
+        return out
+
+    def compute(self, rows: range, want: set[str]) -> dict[str, dict[str, np.ndarray]]:
+        """Chunk arrays for image rows ``rows`` of each wanted artifact kind."""
+        ds = self.ds
+        acc: dict[str, dict[str, list[np.ndarray]]] = {k: {} for k in want}
+
+        def add(kind: str, key: str, value: np.ndarray) -> None:
+            acc[kind].setdefault(key, []).append(value)
+
+        for b0 in range(rows.start, rows.stop, self.batch_size):
+            brows = range(b0, min(b0 + self.batch_size, rows.stop))
+            images = [read_image(image_path(ds, int(ds.image_ids[r]))) for r in brows]
+            gt = [torch.as_tensor(ds.object_boxes[ds.image_object_offsets[r]:ds.image_object_offsets[r + 1]],
+                                  dtype=torch.float32) for r in brows]
+            props = self._proposals(images, brows) if want & {"features", "clip"} else []
+            if "features" in want:
+                if self.features is not None:
+                    # A source that is both (the built-in detector) already gave its proposals' features.
+                    if self.features is not self.proposals or any(p["features"] is None for p in props):
+                        pf = self.features.region_features(images, [torch.as_tensor(p["boxes"]) for p in props])
+                        for p, f in zip(props, pf):
+                            p["features"] = _f16(f)
+                    gf = [_f16(f) for f in self.features.region_features(images, gt)]
+                else:
+                    gf = None
+                for r, p, im in zip(brows, props, images):
+                    if p["features"] is None:
+                        raise UsageError("the proposal source has no region features of its own: "
+                                         "give a feature source (--backbone)")
+                    add("features", "images.ids", np.array([ds.image_ids[r]], dtype=np.int64))
+                    add("features", "images.sizes", np.array([im.shape[:2]], dtype=np.int32))
+                    add("features", "proposals.counts", np.array([len(p["boxes"])], dtype=np.int64))
+                    for f in ("boxes", "scores", "labels", "class_scores", "features"):
+                        add("features", f"proposals.{f}", p[f])
+                    sl = slice(ds.image_object_offsets[r], ds.image_object_offsets[r + 1])
+                    add("features", "objects.counts", np.array([sl.stop - sl.start], dtype=np.int64))
+                    add("features", "objects.ids", ds.object_ids[sl])
+                if gf is not None:
+                    for f in gf:
+                        add("features", "objects.features", f)
+            if "dense" in want:
+                maps = self.features.dense_maps(images, self.dense_size)
+                for r, m in zip(brows, maps):
+                    add("dense", "images.ids", np.array([ds.image_ids[r]], dtype=np.int64))
+                    for s in DENSE_STRIDES:
+                        if s in m:
+                            add("dense", f"s{s}.map", _f16(m[s])[None])
+            if "clip" in want:
+                self._clip(images, brows, props, gt, add)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for kind, arrays in acc.items():
+            out[kind] = {k: np.concatenate(v) for k, v in arrays.items()}
+        if "features" in out:
+            d = out["features"]
+            for key, tail, dtype in (("proposals.boxes", (4,), np.float32), ("proposals.scores", (), np.float32),
+                                     ("proposals.labels", (), np.int32)):
+                d.setdefault(key, np.zeros((0, *tail), dtype))
+        return out
+
+    def _clip(self, images: list[np.ndarray], brows: range, props: list[dict[str, np.ndarray]],
+              gt: list[torch.Tensor], add: Callable[[str, str, np.ndarray], None]) -> None:
+        ds, clip = self.ds, self.clip
+        assert clip is not None
+        add("clip", "images.ids", ds.image_ids[brows.start:brows.stop])
+        add("clip", "images.embedding", _f16(clip.embed_images(images)))
+        for r, im, p, g in zip(brows, images, props, gt):
+            for section, boxes in (("proposals", p["boxes"]), ("objects", g.numpy())):
+                add("clip", f"{section}.counts", np.array([len(boxes)], dtype=np.int64))
+                if len(boxes):
+                    add("clip", f"{section}.embedding", _f16(clip.embed_images([crop(im, b) for b in boxes])))
+            qs = self.query_order[self.query_offsets[r]:self.query_offsets[r + 1]]
+            add("clip", "queries.counts", np.array([len(qs)], dtype=np.int64))
+            add("clip", "queries.ids", ds.query_ids[qs])
+            if len(qs):
+                add("clip", "queries.embedding", _f16(clip.embed_texts([ds.query_texts[q] for q in qs])))
+
+
+def finalise(partial: Path, categories: list[str] | None = None,
+             clip: ClipEncoder | None = None) -> Path:
+    """Assemble a ``.partial`` folder whose chunks are all committed into its artifact and write the
+    manifest (the last step of a run, or `refground extract merge` after ``--shard`` runs).
+
+    ``categories``: the names to embed for a CLIP artifact (default: its recorded ``category_names``).
+    Returns the artifact path. :class:`ArtifactError` if chunks are missing.
+    """
+    partial = Path(partial)
+    try:
+        plan = json.loads((partial / PLAN_FILE).read_text())
+        job_meta = json.loads((partial / "job.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{partial}: no readable plan ({exc}); re-run `refground extract`") from None
+    path = Path(plan["path"])
+    job = ChunkedJob(path, plan["fingerprint"], job_meta["num_items"], job_meta["chunk_size"])
+    job.require_all("refground extract --shard K/N for the missing shards")
+    attrs = dict(plan["attrs"])
+    if plan["kind"] == "dense":
+        write_zarr(path, job, attrs)
+    else:
+        chunks: Any = job
+        if plan["kind"] == "clip":
+            # Category-name embeddings are computed once, at assembly (they belong to no image).
+            names = list(categories) if categories is not None else attrs.get("category_names") or []
+            if clip is None and names:
+                raise ArtifactError(f"{partial}: CLIP category embeddings need the model; run `refground extract "
+                                    "merge` with the same --clip")
+            extra = {"categories.embedding": _f16(clip.embed_texts([CLIP_PROMPT.format(n) for n in names]))
+                     } if names else {}
+            chunks = [job.load(k) for k in range(job.num_chunks)] + ([extra] if extra else [])
+        write_h5(path, chunks, attrs)
+    parents = {k: Parent(**v) for k, v in plan["parents"].items()}
+    write_manifest(path, step=plan["step"], params=plan["params"], parents=parents,
+                   fingerprint=plan["fingerprint"], kind=plan["kind"], extra={"images": job_meta["num_items"]})
+    job.remove()
+    return path
+
+
+def run(ds: Dataset, targets: list[Target], extractor: Extractor, chunk_size: int, shard: Shard = Shard()
+        ) -> dict[str, Any]:
+    """Compute the missing chunks of ``shard`` for every target, then (whole runs) assemble them.
+
+    Returns ``{"chunks_computed", "images_computed", "finalised": [paths], "pending": [paths]}``.
+    """
+    for t in targets:
+        t.open(ds.num_images, chunk_size)
+    jobs = {t.kind: t.job for t in targets}
+    first = targets[0].job
+    todo = sorted(set().union(*(set(j.todo(shard)) for j in jobs.values())))
+    images = 0
+    for k in track(todo, total=len(todo), description=f"extract {ds.name}" + ("" if shard.whole else f" {shard}")):
+        lo, hi = first.chunk_range(k)
+        want = {kind for kind, j in jobs.items() if not j.chunk_path(k).exists()}
+        arrays = extractor.compute(range(lo, hi), want)
+        for kind in want:
+            jobs[kind].save(k, arrays[kind])
+        images += hi - lo
+    finalised, pending = [], []
+    for t in targets:
+        if t.job.missing():
+            pending.append(str(t.path))
+        else:
+            finalised.append(str(finalise(t.job.dir, categories=ds.categories, clip=extractor.clip)))
+    return {"chunks_computed": len(todo), "images_computed": images, "finalised": finalised, "pending": pending}

@@ -1,0 +1,205 @@
+"""The ``refground extract`` step as a library call: resolve sources, decide what is current, run, merge.
+
+Artifact names: ``features/<name>.h5`` and ``dense/<name>.zarr`` with ``name`` the detector's short name
+(``detector-default``, ``hf-<folder>``, ``mattnet-<file stem>``; with a separate ``--backbone`` its name
+is appended after ``+``), ``clip/<clip name>.h5``. Fingerprints chain the dataset, the input files
+(checkpoint, model folders, detections file) and the parameters (:mod:`refground.cache.manifest`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from refground.cache import (Parent, RaggedH5, Shard, fingerprint, is_current, parent, partial_progress,
+                             require)
+from refground.cache.manifest import parent_fingerprints
+from refground.data.store import dataset_dir, load_dataset
+from refground.errors import ArtifactError, UsageError
+from refground.features import extract as X
+from refground.features.base import DENSE_STRIDES
+from refground.features.sources import resolve
+
+FEATURES_STEP = "extract.features@1"
+DENSE_STEP = "extract.dense@1"
+CLIP_STEP = "extract.clip@1"
+
+
+def artifact_paths(root: Path, name: str, clip_name: str = "") -> dict[str, Path]:
+    return {"features": root / "features" / f"{name}.h5", "dense": root / "dense" / f"{name}.zarr",
+            "clip": root / "clip" / f"{clip_name}.h5"}
+
+
+def features_path(dataset: str, cache: Any, name: str = "detector-default") -> Path:
+    """Where the features artifact ``name`` of ``dataset`` lives."""
+    return dataset_dir(dataset, cache).parent / "features" / f"{name}.h5"
+
+
+def require_features(path: Path) -> None:
+    """:class:`ArtifactError` naming `refground extract` unless ``path`` is a complete, current features
+    artifact (its dataset and model inputs unchanged)."""
+    require(path, "refground extract", check_parents=True)
+
+
+def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", backbone: str = "",
+                    clip: str = "", max_proposals: int = 100, dense: bool = True, dense_size: int = 0,
+                    name: str = "", batch_size: int = 16, chunk_size: int = 64, shard: str = "",
+                    force: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Fill (or find current) the features, dense and CLIP artifacts of ``dataset``. Returns a summary:
+    per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing."""
+    t0 = time.perf_counter()
+    if max_proposals < 1:
+        raise UsageError(f"--max-proposals {max_proposals}: must be at least 1")
+    if chunk_size < 1 or batch_size < 1:
+        raise UsageError("--chunk-size and --batch-size must be at least 1")
+    sh = Shard.parse(shard)
+    ds_dir = dataset_dir(dataset, cache)
+    ds_parent = parent("dataset", ds_dir)
+    root = ds_dir.parent
+    runs = root / "runs"
+    ds = None
+
+    def dataset_obj():
+        nonlocal ds
+        if ds is None:
+            ds = load_dataset(ds_dir)
+        return ds
+
+    det = resolve(detector, "detector", runs)
+    bb = resolve(backbone, "backbone", runs) if backbone else None
+    feat = bb if bb is not None else (det if det.kind in ("builtin",) else None)
+    if det.kind == "none" and feat is None:
+        raise UsageError("--detector none needs a --backbone for ground-truth object features")
+    name = name or (det.name if det.kind != "none" else feat.name) + (f"+{bb.name}" if bb and det.kind != "none" else "")
+    clip_spec = resolve(clip, "clip", runs) if clip else None
+    paths = artifact_paths(root, name, clip_spec.name if clip_spec else "")
+
+    targets: list[X.Target] = []
+    status: dict[str, Any] = {}
+    f_params = {"detector": det.spec, "backbone": backbone, "max_proposals": max_proposals,
+                "format_version": X.FORMAT_VERSION}
+    f_parents = {"dataset": ds_parent, **({"detector": det.parent} if det.parent else {}),
+                 **({"backbone": bb.parent} if bb else {})}
+    f_fp = fingerprint(FEATURES_STEP, f_params, parent_fingerprints(f_parents))
+    wanted = {"features": (FEATURES_STEP, f_params, f_parents, f_fp)}
+    if dense and feat is not None:
+        d_params = {"dense_size": dense_size, "format_version": X.FORMAT_VERSION}
+        d_parents = {"dataset": ds_parent, "backbone": feat.parent}
+        wanted["dense"] = (DENSE_STEP, d_params, d_parents, fingerprint(DENSE_STEP, d_params,
+                                                                         parent_fingerprints(d_parents)))
+    if clip_spec is not None:
+        c_parents = {"dataset": ds_parent, "clip": clip_spec.parent,
+                     "features": Parent("artifact", str(paths["features"]), f_fp)}
+        c_params = {"format_version": X.FORMAT_VERSION, "prompt": X.CLIP_PROMPT}
+        wanted["clip"] = (CLIP_STEP, c_params, c_parents, fingerprint(CLIP_STEP, c_params,
+                                                                      parent_fingerprints(c_parents)))
+    for kind, (step, params, parents, fp) in wanted.items():
+        path = paths[kind]
+        if not force and is_current(path, fp):
+            status[kind] = {"path": str(path), "status": "hit"}
+            continue
+        if force:
+            X.ChunkedJob(path, "", 0, 1).remove()  # a forced run starts from scratch
+        targets.append(X.Target(kind, path, step, params, parents, fp))
+        status[kind] = {"path": str(path), "status": "todo"}
+    result: dict[str, Any] = {"dataset": dataset, "name": name, "artifacts": status, "shard": str(sh)}
+    if not targets:
+        result["seconds"] = round(time.perf_counter() - t0, 3)
+        result["cache_hit"] = True
+        return result
+
+    ds = dataset_obj()
+    torch.manual_seed(seed)
+    det_model = det.load(ds) if det.kind != "none" else _NoProposals()
+    feat_model = feat.load(ds) if feat is not None else None
+    clip_model = clip_spec.load(ds) if clip_spec is not None else None
+    size = dense_size or _default_dense_size(ds)
+    class_names = list(getattr(det_model, "class_names", []) or [])
+    for t in targets:
+        t.attrs = {"format": {"features": X.FEATURES_FORMAT, "dense": X.DENSE_FORMAT, "clip": X.CLIP_FORMAT}[t.kind],
+                   "version": X.FORMAT_VERSION, "dataset": dataset, "name": name}
+        if t.kind == "features":
+            t.attrs.update(class_names=class_names, max_proposals=max_proposals,
+                           feature_dim=int(getattr(feat_model or det_model, "feature_dim", 0) or 0),
+                           sources={"detector": det_model.identity(),
+                                    "backbone": feat_model.identity() if feat_model is not None else None})
+        elif t.kind == "dense":
+            t.attrs.update(strides=[s for s in DENSE_STRIDES if s in feat_model.dense_channels],
+                           size=size, channels={str(k): v for k, v in feat_model.dense_channels.items()})
+        else:
+            t.attrs.update(category_names=list(ds.categories), prompt=X.CLIP_PROMPT,
+                           embed_dim=int(clip_model.embed_dim))
+    existing = None
+    if "features" not in {t.kind for t in targets} and "clip" in {t.kind for t in targets}:
+        existing = RaggedH5(paths["features"])
+    extractor = X.Extractor(ds, None if existing is not None else det_model, feat_model, clip_model,
+                            max_proposals, batch_size, size, existing=existing)
+    try:
+        ran = X.run(ds, targets, extractor, chunk_size, sh)
+    finally:
+        if existing is not None:
+            existing.close()
+    for t in targets:
+        status[t.kind]["status"] = "written" if str(t.path) in ran["finalised"] else "pending"
+        if status[t.kind]["status"] == "pending":
+            status[t.kind]["progress"] = partial_progress(t.path)
+    seconds = time.perf_counter() - t0
+    result.update(ran, seconds=round(seconds, 3), cache_hit=False,
+                  images_per_second=round(ran["images_computed"] / seconds, 2) if seconds > 0 else None)
+    if "features" in status and status["features"]["status"] != "pending":
+        with RaggedH5(paths["features"]) as f:
+            counts = f.counts("proposals")
+            result["proposals_per_image"] = round(float(counts.mean()), 2) if len(counts) else 0.0
+            result["feature_dim"] = int(f.file["objects"]["features"].shape[1]) if f.has("objects", "features") else 0
+    return result
+
+
+class _NoProposals:
+    """``--detector none``: an empty proposal list per image (ground-truth features only)."""
+
+    class_names: list[str] = []
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "none"}
+
+    def propose(self, images, image_ids, max_proposals):
+        from refground.features.base import Proposals
+
+        z = torch.zeros
+        return [Proposals(z(0, 4), z(0), z(0, dtype=torch.int64), z(0, 0), z(0, 0)) for _ in images]
+
+
+def _default_dense_size(ds: Any) -> int:
+    """The common image side when all images are the same square size, else 512 (a multiple of 32)."""
+    import numpy as np
+
+    if len(ds.image_width) and np.all(ds.image_width == ds.image_width[0]) and np.all(
+            ds.image_height == ds.image_width[0]) and ds.image_width[0] % 32 == 0:
+        return int(ds.image_width[0])
+    return 512
+
+
+def merge(dataset: str, cache: Any = None, clip: str = "") -> dict[str, Any]:
+    """Assemble every ``.partial`` artifact of ``dataset`` whose shards are all done (`extract merge`)."""
+    root = dataset_dir(dataset, cache).parent
+    clip_model = resolve(clip, "clip", root / "runs").load(None) if clip else None
+    done, waiting = [], []
+    for kind in ("features", "dense", "clip"):
+        for partial in sorted((root / kind).glob("*.partial")):
+            if not (partial / X.PLAN_FILE).exists():
+                continue
+            prog = partial_progress(partial.with_name(partial.name[:-len(".partial")]))
+            if prog and prog[0] < prog[1]:
+                waiting.append({"path": str(partial), "chunks_done": prog[0], "chunks": prog[1]})
+                continue
+            done.append(str(X.finalise(partial, clip=clip_model)))
+    if not done and not waiting:
+        raise ArtifactError(f"{root}: nothing to merge (no .partial artifacts); run `refground extract --shard K/N`")
+    if waiting:
+        w = waiting[0]
+        raise ArtifactError(f"{w['path']}: {w['chunks'] - w['chunks_done']} of {w['chunks']} chunks missing; "
+                            "finish the remaining `refground extract --shard K/N` runs first")
+    return {"dataset": dataset, "merged": done}
