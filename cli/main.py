@@ -21,10 +21,13 @@ _USAGE = tuple({getattr(typer, "TyperException", click.ClickException), click.Cl
 
 # Command modules register themselves on the apps when imported.
 from refground.cli import bench as _bench  # noqa: F401,E402
+from refground.cli import cache as _cache  # noqa: F401,E402
 from refground.cli import data_formats as _data_formats  # noqa: F401,E402
 from refground.cli import data_synth as _data_synth  # noqa: F401,E402
 from refground.cli import data_view as _data_view  # noqa: F401,E402
 from refground.cli import eval as _eval  # noqa: F401,E402
+from refground.cli import extract as _extract  # noqa: F401,E402
+from refground.cli import graph as _graph  # noqa: F401,E402
 from refground.cli import show as _show  # noqa: F401,E402
 
 

@@ -38,6 +38,8 @@ _REGISTRY: dict[str, BenchFn] = {}
 BENCH_MODULES = (
     "refground.bench.boxes_bench",
     "refground.bench.data_bench",
+    "refground.bench.graph_bench",
+    "refground.bench.extract_bench",
 )
 
 
