@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
 import hf_tiny  # noqa: E402
+from test_boxes import roi_align_expected  # noqa: E402
 
 from refground.boxes import box_iou, clip_boxes_to_image  # noqa: E402
 from refground.errors import DataError, UsageError  # noqa: E402
@@ -309,40 +309,11 @@ def test_bad_folders_are_one_line_data_errors(built, tmp_path):
 # ------------------------------------------------------------------------------------------ backbone
 
 
-def _bilinear(fmap: torch.Tensor, y: float, x: float) -> torch.Tensor:
-    """torchvision's RoIAlign sample: 0 beyond [-1, size], coordinates clamped to the map otherwise."""
-    _, h, w = fmap.shape
-    if y < -1.0 or y > h or x < -1.0 or x > w:
-        return torch.zeros(fmap.shape[0])
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(math.floor(y)), int(math.floor(x))
-    if y0 >= h - 1:
-        y0 = y1 = h - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= w - 1:
-        x0 = x1 = w - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    return ((1 - ly) * (1 - lx) * fmap[:, y0, x0] + (1 - ly) * lx * fmap[:, y0, x1]
-            + ly * (1 - lx) * fmap[:, y1, x0] + ly * lx * fmap[:, y1, x1])
-
-
 def expected_region_feature(fmap: torch.Tensor, box, stride: int, pool: int = 7, ratio: int = 2) -> torch.Tensor:
-    """Slow reference: mean of the pool x pool x ratio x ratio aligned RoIAlign samples of one box."""
-    x1, y1, x2, y2 = (float(v) / stride - 0.5 for v in box)
-    bh, bw = (y2 - y1) / pool, (x2 - x1) / pool
-    total = torch.zeros(fmap.shape[0])
-    for py in range(pool):
-        for px in range(pool):
-            for iy in range(ratio):
-                for ix in range(ratio):
-                    total += _bilinear(fmap, y1 + py * bh + (iy + 0.5) * bh / ratio,
-                                       x1 + px * bw + (ix + 0.5) * bw / ratio)
-    return total / (pool * pool * ratio * ratio)
+    """Slow reference: the plain-loop RoIAlign of tests/test_boxes.py (aligned, 1/stride), mean-pooled."""
+    rois = torch.tensor([[0.0, *map(float, box)]], dtype=torch.float64)
+    pooled = roi_align_expected(fmap[None].double(), rois, (pool, pool), 1.0 / stride, ratio, True)
+    return pooled[0].mean((1, 2)).to(fmap.dtype)
 
 
 def _normalised(im: np.ndarray, folder: Path) -> torch.Tensor:
