@@ -29,6 +29,7 @@ from refground.cli import eval as _eval  # noqa: F401,E402
 from refground.cli import extract as _extract  # noqa: F401,E402
 from refground.cli import graph as _graph  # noqa: F401,E402
 from refground.cli import show as _show  # noqa: F401,E402
+from refground.cli import train_detector as _train_detector  # noqa: F401,E402
 
 
 @app.command("version")

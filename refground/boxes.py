@@ -493,7 +493,9 @@ def _roi_align_gather(input: Tensor, batch: Tensor, yi: Tensor, wy: Tensor, xi: 
                + yi[sl, :, None, :, :, None, None] * w + xi[sl, None, :, None, None, :, :])
         wts = wy[sl, :, None, :, :, None, None] * wx[sl, None, :, None, None, :, :]
         vals = flat.index_select(0, pos.reshape(-1)).view(kk, ph, pw, taps, c)
-        outs.append(torch.matmul(wts.reshape(kk, ph, pw, 1, taps), vals).squeeze(3))
+        # A broadcast multiply-sum, not matmul: batched matmuls of [1, taps] x [taps, C] are slow on the CPU
+        # (measured 3.5x slower forward + backward).
+        outs.append((wts.reshape(kk, ph, pw, taps, 1) * vals).sum(3))
     return torch.cat(outs).permute(0, 3, 1, 2)
 
 

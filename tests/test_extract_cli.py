@@ -187,3 +187,13 @@ def test_shards_and_merge(template, tmp_path, capsys):
 def test_missing_inputs_name_the_step(tmp_path, capsys):
     assert "run `refground data synth`" in fail(capsys, "extract", "--cache", str(tmp_path))
     assert "run `refground data synth`" in fail(capsys, "graph", "--cache", str(tmp_path))
+
+
+def test_interrupted_detector_training_is_refused(template, tmp_path, capsys):
+    root = clone(template, tmp_path / "c")
+    manifest = root / "synth" / "runs" / "detector" / "default" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["complete"] = False  # what an interrupted `train detector` leaves: a checkpoint, no complete manifest
+    manifest.write_text(json.dumps(m))
+    err = fail(capsys, "extract", "--cache", str(root))
+    assert "default: incomplete; run `refground train detector`" in err

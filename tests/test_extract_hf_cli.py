@@ -45,7 +45,7 @@ def test_hf_detector_backbone_and_clip_end_to_end(hf_cache, synth_ds, capsys):
     c = str(hf_cache["cache"])
     res = _extract(capsys, "--cache", c, "--detector", f"hf:{hf_cache['detr']}", "--backbone",
                    f"hf:{hf_cache['backbone']}", "--clip", f"hf:{hf_cache['clip']}", "-n", "5", "--chunk-size", "10")
-    name = f"hf-detr+hf-resnet"
+    name = "hf-detr+hf-resnet"
     assert res["name"] == name and res["images_computed"] == synth_ds.num_images
     assert {k: v["status"] for k, v in res["artifacts"].items()} == {"features": "written", "dense": "written",
                                                                        "clip": "written"}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from refground.cache import Parent, parent
+from refground.cache import Parent, parent, require
 from refground.errors import ArtifactError, UsageError
 
 CHECKPOINT = "checkpoint.pt"
@@ -51,9 +51,11 @@ def _builtin(rest: str, runs_dir: Path) -> tuple[Path, str]:
     name = rest or "default"
     run = Path(name) if ("/" in name or name.startswith(".")) else runs_dir / "detector" / name
     ckpt = run / CHECKPOINT
+    remedy = "refground train detector" + ("" if name == "default" else f" --name {name}")
     if not ckpt.is_file():
-        raise ArtifactError(f"{run}: no trained built-in detector here; run `refground train detector"
-                            + ("" if name == "default" else f" --name {name}") + "`")
+        raise ArtifactError(f"{run}: no trained built-in detector here; run `{remedy}`")
+    # An interrupted training run has a checkpoint of its last finished epoch but no complete manifest.
+    require(run, remedy)
     return run, f"detector-{run.name}"
 
 

@@ -1,0 +1,592 @@
+"""The built-in two-stage detector of the synthetic world (a small bottom-up-attention-style Faster R-CNN).
+
+Stage one is an anchor-free dense head (FCOS / GFL style) on the stride-8 level of a small FPN: every cell
+of the map proposes one box (``(input_size / 8)^2`` initial boxes per image, 1024 at 256 px), scored by a
+quality-focal objectness; the best ``pre_nms_top_n`` go through NMS and the best ``post_nms_top_n`` become
+RoIs. Stage two is a region head on RoIAlign features of the same level: two fully connected layers (the
+second, "fc7", is the region feature vector that later stages consume) and, as bottom-up attention does on
+Visual Genome, a category classifier (categories + background), attribute classifiers (here colour and
+size), and class-agnostic box refinement. The confidence of a region is its largest non-background class
+probability. Refined boxes go through a second, class-agnostic NMS; the kept boxes are pooled again so that
+a proposal's features and class scores belong to exactly the box returned (``region_features`` of the same
+boxes gives the same vectors).
+
+Images of any size are resized (aspect kept) so that the longer side is ``input_size`` and padded to a
+square; boxes are mapped back to the pixels of the original image. All box math is
+:mod:`refground.boxes`.
+
+Public API: :class:`DetectorConfig`, :class:`DetectorModel`, :class:`BuiltinDetector`,
+:func:`prepare_images`, :func:`normalize_images`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from refground.boxes import BoxCoder, clip_boxes_to_image, nms, remove_small_boxes, roi_align
+from refground.errors import ArtifactError, DataError
+from refground.features.base import DENSE_STRIDES, Proposals
+
+KIND = "builtin-detector"
+CONFIG_FILE = "config.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+# Fixed input normalisation (trained from scratch, so any fixed affine map works; this one puts uint8
+# pixels roughly in [-2, 2]). Padding is 0 after normalisation, i.e. mid-grey.
+PIXEL_MEAN = 127.5
+PIXEL_STD = 64.0
+
+
+def _default_classes() -> list[str]:
+    from refground.data.synth.world import CATEGORIES
+    return list(CATEGORIES)
+
+
+def _default_colors() -> list[str]:
+    from refground.data.synth.world import COLOR_NAMES
+    return list(COLOR_NAMES)
+
+
+def _default_sizes() -> list[str]:
+    from refground.data.synth.world import SIZES
+    return list(SIZES)
+
+
+@dataclass
+class DetectorConfig:
+    """Every hyper-parameter of the detector and its training (saved as ``config.json`` in the run folder).
+
+    Architecture and inference parameters are part of the model's identity; training parameters describe how
+    the checkpoint was made (they go into the run's fingerprint too).
+    """
+
+    # -------------------------------------------------------------- vocabulary (heads' output spaces)
+    class_names: list[str] = field(default_factory=_default_classes)
+    color_names: list[str] = field(default_factory=_default_colors)
+    size_names: list[str] = field(default_factory=_default_sizes)
+    # ------------------------------------------------------------------------------- architecture
+    input_size: int = 256  # longer image side fed to the network (images are resized, aspect kept)
+    widths: list[int] = field(default_factory=lambda: [32, 64, 96, 128])  # stage widths at strides 4, 8, 16, 32
+    depths: list[int] = field(default_factory=lambda: [1, 1, 1, 1])  # extra 3x3 convs per stage
+    fpn_channels: int = 64  # channels of the FPN levels (the dense maps) at strides 8, 16, 32
+    head_channels: int = 64  # hidden channels of the dense (proposal) head
+    roi_size: int = 5  # RoIAlign output side on the stride-8 level (objects span 1.5-7 cells)
+    roi_sampling_ratio: int = 1  # bilinear samples per RoI bin and axis (bins are under one cell)
+    feature_dim: int = 256  # fc6 / fc7 width; fc7 is the region feature vector
+    box_weights: list[float] = field(default_factory=lambda: [10.0, 10.0, 5.0, 5.0])  # R-CNN delta weights
+    # ---------------------------------------------------------------------------------- inference
+    pre_nms_top_n: int = 600  # dense boxes (by objectness) that enter the first NMS
+    proposal_nms: float = 0.7  # IoU threshold of the first (dense) NMS
+    post_nms_top_n: int = 300  # RoIs per image that the region head scores
+    final_nms: float = 0.5  # IoU threshold of the class-agnostic NMS on refined boxes
+    min_box_size: float = 2.0  # refined boxes smaller than this (pixels of the network input) are dropped
+    inference_batch: int = 16  # images per forward pass at inference
+    # ----------------------------------------------------------------------------------- training
+    epochs: int = 3  # about 3 minutes on 2 CPU cores for 3500 images of 256 px
+    batch_size: int = 8  # smaller batches (more steps in the same time) learn the categories faster
+    lr: float = 2e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 0)
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    center_radius: float = 1.5  # dense-head positives: cells within this many strides of a box centre
+    rois_per_image: int = 64  # RoIs sampled per image for the region head
+    fg_fraction: float = 0.5  # at most this share of sampled RoIs are foreground (IoU >= 0.5)
+    train_pre_nms_top_n: int = 200  # dense boxes (by objectness) that enter the NMS of the RoI sampler
+    train_proposals: int = 48  # dense proposals (after NMS) per image offered to the RoI sampler
+    jitter_per_object: int = 2  # jittered copies of each ground-truth box offered to the RoI sampler
+    flip: bool = True  # random horizontal flips
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != 4 or len(self.depths) != 4:
+            raise ValueError(f"widths and depths must give 4 stages (strides 4, 8, 16, 32), got {self.widths}, "
+                             f"{self.depths}")
+        if self.input_size < 32:
+            raise ValueError(f"input_size must be at least 32, got {self.input_size}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DetectorConfig":
+        """Build from a dict (unknown keys are an error, missing keys take the defaults)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown detector config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def architecture(self) -> dict[str, Any]:
+        """The parameters that define the network and its outputs: not how it was trained (that is in the
+        checkpoint's digest), nor the inference batch size."""
+        other = {"epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "center_radius", "rois_per_image",
+                 "fg_fraction", "train_pre_nms_top_n", "train_proposals", "jitter_per_object", "flip",
+                 "inference_batch"}
+        return {k: v for k, v in self.to_dict().items() if k not in other}
+
+
+# ------------------------------------------------------------------------------------------ images
+
+
+def normalize_images(x: Tensor) -> Tensor:
+    """uint8 or float pixels Tensor[B, 3, H, W] in [0, 255] -> float32 network input."""
+    return (x.float() - PIXEL_MEAN) / PIXEL_STD
+
+
+def _padded_side(input_size: int) -> int:
+    return int(math.ceil(input_size / 32) * 32)
+
+
+def prepare_images(images: list[np.ndarray], input_size: int) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Resize (aspect kept, longer side ``input_size``) and pad a list of uint8[H, W, 3] images.
+
+    Returns (batch Tensor[B, 3, S, S] normalised float32 with S = input_size rounded up to a multiple of 32,
+    scales Tensor[B, 2] (sx, sy): network-input pixels per original pixel, sizes [(h, w)] of the resized
+    images inside the padded batch).
+    """
+    side = _padded_side(input_size)
+    batch = torch.zeros((len(images), 3, side, side), dtype=torch.float32)
+    scales = torch.ones((len(images), 2), dtype=torch.float32)
+    sizes = []
+    for i, img in enumerate(images):
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
+            raise DataError(f"image {i}: expected uint8[H, W, 3], got {getattr(img, 'shape', type(img))}")
+        h, w = img.shape[:2]
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        s = input_size / max(h, w)
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        if (nh, nw) != (h, w):
+            t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        batch[i, :, :nh, :nw] = normalize_images(t[0])
+        scales[i, 0], scales[i, 1] = nw / w, nh / h
+        sizes.append((nh, nw))
+    return batch, scales, sizes
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Backbone(nn.Module):
+    """A 4x4 stride-4 "patchify" stem (no full-resolution layers: they cost most on a CPU and the smallest
+    objects are ~10 px), then stride-2 3x3 convs to strides 8, 16, 32; ``depths[k]`` extra 3x3 convs per
+    stage."""
+
+    def __init__(self, widths: list[int], depths: list[int]) -> None:
+        super().__init__()
+        stem = nn.Sequential(nn.Conv2d(3, widths[0], 4, 4, 0, bias=False), nn.BatchNorm2d(widths[0]),
+                             nn.ReLU(inplace=True))
+        stages, cin = [], widths[0]
+        for k, (w, d) in enumerate(zip(widths, depths)):
+            layers = [stem] if k == 0 else [_conv_bn(cin, w, 2)]
+            layers += [_conv_bn(w, w) for _ in range(d)]
+            stages.append(nn.Sequential(*layers))
+            cin = w
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, x: Tensor) -> dict[int, Tensor]:
+        out = {}
+        for k, stage in enumerate(self.stages):
+            x = stage(x)
+            out[4 * 2 ** k] = x
+        return {s: out[s] for s in DENSE_STRIDES}
+
+
+class FPN(nn.Module):
+    """Top-down pathway over strides 8, 16, 32: lateral 1x1 convs and nearest upsampling; a 3x3 conv (+ BN,
+    ReLU) smooths the stride-8 level, the one both heads read. The coarser levels stay the plain top-down
+    sums: they are trained through the stride-8 level, and a smoothing conv on them would get no gradient."""
+
+    def __init__(self, in_channels: list[int], channels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
+        self.smooth = _conv_bn(channels, channels)
+
+    def forward(self, feats: dict[int, Tensor]) -> dict[int, Tensor]:
+        strides = sorted(feats)
+        out: dict[int, Tensor] = {}
+        top = None
+        for k in reversed(range(len(strides))):
+            s = strides[k]
+            lat = self.lateral[k](feats[s])
+            if top is not None:
+                lat = lat + F.interpolate(top, size=lat.shape[-2:], mode="nearest")
+            top = lat
+            out[s] = lat
+        out[strides[0]] = self.smooth(out[strides[0]])
+        return out
+
+
+class DenseHead(nn.Module):
+    """One box per cell of the stride-8 level: objectness logit and (l, t, r, b) distances from the cell
+    centre, ``exp(t) * 2 * stride`` pixels."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        # 1x1 tower: the FPN's 3x3 smoothing already mixes neighbours, and a 3x3 conv at stride 8 is the most
+        # expensive layer of this network on a CPU.
+        self.tower = nn.Sequential(nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True))
+        self.objectness = nn.Conv2d(hidden, 1, 1)
+        self.ltrb = nn.Conv2d(hidden, 4, 1)
+        # Start with a low objectness everywhere (RetinaNet prior 0.01) so the many negatives do not swamp
+        # the first steps.
+        nn.init.constant_(self.objectness.bias, -math.log(99.0))
+        nn.init.normal_(self.ltrb.weight, std=0.01)
+        nn.init.zeros_(self.ltrb.bias)
+
+    def forward(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """p: Tensor[B, C, H, W] -> (logits Tensor[B, H*W], log-distances Tensor[B, H*W, 4])."""
+        h = self.tower(p)
+        logits = self.objectness(h).flatten(1)
+        ltrb = self.ltrb(h).flatten(2).transpose(1, 2)
+        return logits, ltrb
+
+
+class RegionHead(nn.Module):
+    """RoIAlign -> fc6 -> fc7 (the region feature) -> category (+ background), colour, size, box deltas.
+
+    fc6 also sees the box's width, height and sqrt(area) relative to the input side: RoIAlign normalises the
+    scale away, and size is one of the attributes expressions use.
+    """
+
+    GEOMETRY = 3
+
+    def __init__(self, channels: int, roi_size: int, dim: int, classes: int, colors: int, sizes: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(channels * roi_size * roi_size + self.GEOMETRY, dim)
+        self.fc7 = nn.Linear(dim, dim)
+        self.cls = nn.Linear(dim, classes + 1)  # index 0 = background
+        self.color = nn.Linear(dim, colors)
+        self.size = nn.Linear(dim, sizes)
+        self.box = nn.Linear(dim, 4)
+        nn.init.normal_(self.box.weight, std=0.001)
+        nn.init.zeros_(self.box.bias)
+
+    def forward(self, pooled: Tensor, geometry: Tensor) -> dict[str, Tensor]:
+        x = torch.cat([pooled.flatten(1), geometry], dim=1)
+        x = F.relu(self.fc6(x), inplace=True)
+        feat = F.relu(self.fc7(x), inplace=True)
+        return {"feature": feat, "cls": self.cls(feat), "color": self.color(feat), "size": self.size(feat),
+                "deltas": self.box(feat)}
+
+
+class DetectorModel(nn.Module):
+    """Backbone + FPN + dense proposal head + region head. Boxes are in network-input pixels."""
+
+    STRIDE = 8  # the level the dense head and RoIAlign work on
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.backbone = Backbone(list(c.widths), list(c.depths))
+        self.fpn = FPN(list(c.widths[1:]), c.fpn_channels)
+        self.dense_head = DenseHead(c.fpn_channels, c.head_channels)
+        self.region_head = RegionHead(c.fpn_channels, c.roi_size, c.feature_dim, c.num_classes,
+                                      len(c.color_names), len(c.size_names))
+        self.box_coder = BoxCoder(c.box_weights)
+
+    # ---------------------------------------------------------------------------------- pieces
+    def maps(self, x: Tensor) -> dict[int, Tensor]:
+        """x: Tensor[B, 3, S, S] normalised -> FPN levels {8, 16, 32: Tensor[B, C, S/stride, S/stride]}."""
+        return self.fpn(self.backbone(x))
+
+    def locations(self, p: Tensor) -> Tensor:
+        """Centres (x, y) of the cells of a stride-8 map, Tensor[H*W, 2] in input pixels (row-major)."""
+        h, w = p.shape[-2:]
+        ys = (torch.arange(h, dtype=torch.float32) + 0.5) * self.STRIDE
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * self.STRIDE
+        yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+
+    def dense(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Dense head on the stride-8 map: (logits Tensor[B, L], boxes Tensor[B, L, 4] xyxy input pixels)."""
+        logits, ltrb = self.dense_head(p)
+        loc = self.locations(p)
+        dist = torch.exp(ltrb.clamp(max=6.0)) * (2.0 * self.STRIDE)
+        boxes = torch.cat([loc - dist[..., :2], loc + dist[..., 2:]], dim=-1)
+        return logits, boxes
+
+    def region(self, p: Tensor, rois: Tensor) -> dict[str, Tensor]:
+        """Region head on RoIs Tensor[K, 5] (batch index, x1, y1, x2, y2 in input pixels) of the stride-8 map."""
+        c = self.config
+        pooled = roi_align(p, rois, c.roi_size, spatial_scale=1.0 / self.STRIDE,
+                           sampling_ratio=c.roi_sampling_ratio, aligned=True)
+        # Sizes relative to the input side, i.e. to the longer side of the original image.
+        wh = (rois[:, 3:5] - rois[:, 1:3]).clamp(min=0) / float(c.input_size)
+        geometry = torch.cat([wh, (wh[:, :1] * wh[:, 1:]).sqrt()], dim=1)
+        return self.region_head(pooled, geometry)
+
+    def refine(self, deltas: Tensor, rois: Tensor) -> Tensor:
+        """Apply region-head deltas Tensor[K, 4] to rois Tensor[K, 5] -> boxes Tensor[K, 4]."""
+        return self.box_coder.decode(deltas, rois[:, 1:])
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def detect(self, p: Tensor, sizes: list[tuple[int, int]], max_proposals: int) -> list[dict[str, Tensor]]:
+        """Two-stage inference on a batch's stride-8 map p Tensor[B, C, H, W].
+
+        sizes: (h, w) of each image's content in the padded input. Returns per image the final boxes
+        Tensor[K, 4] (input pixels, clipped, after the class-agnostic NMS, ordered by first-pass confidence,
+        K <= max_proposals). The caller re-pools them for features and scores.
+        """
+        c = self.config
+        logits, boxes = self.dense(p)
+        scores = logits.sigmoid()
+        rois, per_image = [], []
+        for b in range(p.shape[0]):
+            bx = clip_boxes_to_image(boxes[b], sizes[b])
+            k = min(c.pre_nms_top_n, bx.shape[0])
+            top = scores[b].topk(k).indices
+            bx, sc = bx[top], scores[b][top]
+            ok = remove_small_boxes(bx, c.min_box_size)
+            bx, sc = bx[ok], sc[ok]
+            keep = nms(bx, sc, c.proposal_nms)[: c.post_nms_top_n]
+            rois.append(torch.cat([torch.full((len(keep), 1), float(b)), bx[keep]], dim=1))
+            per_image.append(len(keep))
+        rois_t = torch.cat(rois) if rois else torch.zeros((0, 5))
+        out = self.region(p, rois_t)
+        prob = out["cls"].softmax(dim=1)
+        conf = prob[:, 1:].max(dim=1).values
+        refined = self.refine(out["deltas"], rois_t)
+        results = []
+        start = 0
+        for b, n in enumerate(per_image):
+            bx = clip_boxes_to_image(refined[start:start + n], sizes[b])
+            sc = conf[start:start + n]
+            start += n
+            ok = remove_small_boxes(bx, c.min_box_size)
+            bx, sc = bx[ok], sc[ok]
+            keep = nms(bx, sc, c.final_nms)[:max_proposals]
+            results.append({"boxes": bx[keep], "scores": sc[keep]})
+        return results
+
+
+# ---------------------------------------------------------------------------------------- adapter
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's bytes (:func:`refground.cache.file_digest`, the one definition)."""
+    from refground.cache.manifest import file_digest
+
+    return file_digest(path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (holding ``checkpoint.pt``) or a checkpoint file -> the checkpoint file."""
+    path = Path(path)
+    ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
+    if not ckpt.is_file():
+        raise ArtifactError(f"{ckpt}: no detector checkpoint; run `refground train detector` first")
+    return ckpt
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file safely (``weights_only=True``): {"model", "config", "epoch", ...}."""
+    ckpt = resolve_checkpoint(path)
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                            "re-run `refground train detector --force`") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ArtifactError(f"{ckpt}: not a detector checkpoint; re-run `refground train detector --force`")
+    return state
+
+
+class BuiltinDetector:
+    """The trained detector as a :class:`~refground.features.base.ProposalSource` and
+    :class:`~refground.features.base.FeatureSource`.
+
+    ``Proposals.class_scores`` are the softmax probabilities of the object classes with the background
+    column dropped and *not* renormalised, so ``scores == class_scores.max(1)`` (the Faster R-CNN /
+    bottom-up-attention confidence) and ``1 - class_scores.sum(1)`` is the background probability.
+
+    The backbone output of the last batch is cached (keyed on the identity of the image arrays, which the
+    cache holds on to so that their ids cannot be reused), so ``propose``, ``region_features`` and
+    ``dense_maps`` on the same list of images run the backbone once.
+    """
+
+    def __init__(self, model: DetectorModel, checkpoint_sha256: str = "") -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.checkpoint_sha256 = checkpoint_sha256
+        self.class_names = list(self.config.class_names)
+        self.color_names = list(self.config.color_names)
+        self.size_names = list(self.config.size_names)
+        self.feature_dim = int(self.config.feature_dim)
+        self.dense_channels = {s: int(self.config.fpn_channels) for s in DENSE_STRIDES}
+        self._cache_key: tuple | None = None
+        self._cache_images: list[np.ndarray] = []
+        self._cache: tuple[dict[int, Tensor], Tensor, list[tuple[int, int]]] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BuiltinDetector":
+        """From a run folder (``<cache>/<dataset>/runs/detector/<name>/``) or a checkpoint file."""
+        ckpt = resolve_checkpoint(path)
+        state = load_checkpoint(ckpt)
+        try:
+            config = DetectorConfig.from_dict(state["config"])
+            model = DetectorModel(config)
+            model.load_state_dict(state["model"])
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{ckpt}: checkpoint does not fit this version of the detector "
+                                f"({str(exc).splitlines()[0]}); re-run `refground train detector --force`") from None
+        return cls(model, file_sha256(ckpt))
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": KIND, "checkpoint": self.checkpoint_sha256, "config": self.config.architecture()}
+
+    # ---------------------------------------------------------------------------------- backbone
+    def _maps(self, images: list[np.ndarray]) -> tuple[dict[int, Tensor], Tensor, list[tuple[int, int]]]:
+        """FPN maps of the whole list (computed in chunks of ``inference_batch``), cached for the last list."""
+        key = tuple(id(im) for im in images)
+        if self._cache is not None and key == self._cache_key:
+            return self._cache
+        self._cache, self._cache_key, self._cache_images = None, None, []
+        batch, scales, sizes = prepare_images(images, self.config.input_size)
+        self._cache = (self._run_maps(batch), scales, sizes)
+        self._cache_key, self._cache_images = key, list(images)
+        return self._cache
+
+    def _run_maps(self, batch: Tensor) -> dict[int, Tensor]:
+        """FPN levels of a normalised batch Tensor[B, 3, S, S], in chunks of ``inference_batch`` images."""
+        chunk = max(1, self.config.inference_batch)
+        parts: dict[int, list[Tensor]] = {s: [] for s in DENSE_STRIDES}
+        with torch.no_grad():
+            for s0 in range(0, batch.shape[0], chunk):
+                m = self.model.maps(batch[s0:s0 + chunk])
+                for s in DENSE_STRIDES:
+                    parts[s].append(m[s])
+        empty = torch.zeros((0, self.config.fpn_channels, 1, 1))
+        return {s: torch.cat(v) if v else empty for s, v in parts.items()}
+
+    def _pool(self, p: Tensor, boxes: list[Tensor], scales: Tensor) -> dict[str, Tensor]:
+        """Region head on per-image boxes in original pixels (mapped to input pixels by ``scales``)."""
+        rois = []
+        for b, bx in enumerate(boxes):
+            bx = torch.as_tensor(bx, dtype=torch.float32).reshape(-1, 4)
+            s = scales[b].repeat(2)  # (sx, sy, sx, sy)
+            rois.append(torch.cat([torch.full((bx.shape[0], 1), float(b)), bx * s], dim=1))
+        rois_t = torch.cat(rois) if rois else torch.zeros((0, 5))
+        with torch.no_grad():
+            return self.model.region(p, rois_t)
+
+    # ------------------------------------------------------------------------------- protocols
+    def propose(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int) -> list[Proposals]:
+        """At most ``max_proposals`` proposals per image after NMS, sorted by decreasing confidence.
+
+        boxes are xyxy pixels of each original image; features are the fc7 vectors of exactly these boxes.
+        """
+        if len(image_ids) != len(images):
+            raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
+        maps, scales, sizes = self._maps(images)
+        p = maps[DetectorModel.STRIDE]
+        chunk = max(1, self.config.inference_batch)
+        final: list[Tensor] = []
+        for s0 in range(0, len(images), chunk):
+            dets = self.model.detect(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals)
+            for j, d in enumerate(dets):
+                s = scales[s0 + j].repeat(2)
+                h, w = images[s0 + j].shape[:2]
+                final.append(clip_boxes_to_image(d["boxes"] / s, (h, w)))
+        out: list[Proposals] = []
+        for s0 in range(0, len(images), chunk):
+            sl = slice(s0, s0 + chunk)
+            heads = self._pool(p[sl], final[sl], scales[sl])
+            prob = heads["cls"].softmax(dim=1)[:, 1:]
+            start = 0
+            for bx in final[sl]:
+                n = bx.shape[0]
+                cs = prob[start:start + n]
+                feat = heads["feature"][start:start + n]
+                start += n
+                scores, labels = cs.max(dim=1) if n else (cs.new_zeros(0), torch.zeros(0, dtype=torch.int64))
+                # Stable sort: ties keep the NMS order.
+                order = torch.sort(scores, descending=True, stable=True).indices
+                out.append(Proposals(boxes=bx[order].contiguous(), scores=scores[order].contiguous(),
+                                     labels=labels[order].contiguous(), class_scores=cs[order].contiguous(),
+                                     features=feat[order].contiguous()))
+        return out
+
+    def _heads(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box lists")
+        maps, scales, _ = self._maps(images)
+        p = maps[DetectorModel.STRIDE]
+        chunk = max(1, self.config.inference_batch)
+        out = []
+        for s0 in range(0, len(images), chunk):
+            sl = slice(s0, s0 + chunk)
+            heads = self._pool(p[sl], boxes[sl], scales[sl])
+            start = 0
+            for bx in boxes[sl]:
+                n = int(torch.as_tensor(bx).reshape(-1, 4).shape[0])
+                out.append({k: v[start:start + n] for k, v in heads.items()})
+                start += n
+        return out
+
+    def region_features(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[Tensor]:
+        """fc7 features Tensor[K_i, feature_dim] of each image's boxes Tensor[K_i, 4] (xyxy original pixels)."""
+        return [h["feature"].contiguous() for h in self._heads(images, boxes)]
+
+    def classify(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Per image {"category": Tensor[K, C] (object classes, background dropped, not renormalised),
+        "background": Tensor[K], "color": Tensor[K, 8], "size": Tensor[K, 3]} probabilities for given boxes."""
+        out = []
+        for h in self._heads(images, boxes):
+            prob = h["cls"].softmax(dim=1)
+            out.append({"category": prob[:, 1:].contiguous(), "background": prob[:, 0].contiguous(),
+                        "color": h["color"].softmax(dim=1), "size": h["size"].softmax(dim=1)})
+        return out
+
+    def dense_maps(self, images: list[np.ndarray], size: int) -> list[dict[int, Tensor]]:
+        """Per image {stride: Tensor[fpn_channels, size // stride, size // stride]} of the FPN levels computed
+        on the image resized to ``size`` x ``size`` (reuses the cached pass when that is the same input)."""
+        if size < 32:
+            raise ValueError(f"dense map size must be at least 32, got {size}")
+        # Square images resized to input_size (a multiple of 32: no padding) are exactly the propose() input.
+        if size == self.config.input_size and size % 32 == 0 and all(im.shape[0] == im.shape[1] for im in images):
+            maps, _, _ = self._maps(images)
+        else:
+            resized = [normalize_images(self._resize_square(im, size)) for im in images]
+            maps = self._run_maps(torch.stack(resized) if resized else torch.zeros((0, 3, size, size)))
+        return [{s: maps[s][i, :, : size // s, : size // s].contiguous() for s in DENSE_STRIDES}
+                for i in range(len(images))]
+
+    @staticmethod
+    def _resize_square(img: np.ndarray, size: int) -> Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
+        if t.shape[-2:] != (size, size):
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return t[0]
+
+
+def save_config(config: DetectorConfig, path: Path) -> None:
+    """Write ``config.json`` (sorted keys) atomically."""
+    from refground.atomic import atomic_file
+
+    with atomic_file(Path(path)) as fh:
+        json.dump(config.to_dict(), fh, indent=1, sort_keys=True)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+__all__ = ["BuiltinDetector", "DetectorConfig", "DetectorModel", "file_sha256", "load_checkpoint",
+           "normalize_images", "prepare_images", "resolve_checkpoint", "save_config"]
