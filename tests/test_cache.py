@@ -309,3 +309,18 @@ def test_ls_and_verify_find_partials_leftovers_stale_and_damage(tmp_path, synth_
     assert {(e.kind, e.name): e for e in verify(root)}[("features", "good.h5")].status == "stale"
     verify(root, sweep=True)
     assert not (feats / ".good.h5.tmp-0123abcd").exists() and (feats / "half.h5.partial").exists()
+
+
+def test_h5_bytes_do_not_depend_on_the_hash_seed(tmp_path):
+    """Two processes with different PYTHONHASHSEED write the same bytes (no set/dict order leaks in)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, sys; from refground.cache import write_h5; "
+            "write_h5(sys.argv[1], [{'images.ids': np.arange(3), 'b.counts': np.array([1, 0, 2]), "
+            "'b.x': np.ones((3, 2)), 'a.counts': np.array([2, 1, 0]), 'a.y': np.zeros(3), 'c.z': np.arange(3)}], "
+            "{'format': 'x'})")
+    for seed in ("1", "2", "3"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{seed}.h5")], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+    assert (tmp_path / "1.h5").read_bytes() == (tmp_path / "2.h5").read_bytes() == (tmp_path / "3.h5").read_bytes()

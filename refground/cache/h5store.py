@@ -77,7 +77,7 @@ def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, a
     for k in range(n_chunks):
         z = get(k)
         keys = list(z.keys())
-        ragged = {_split(key)[0] for key in keys if key.endswith(".counts")}
+        ragged = sorted({_split(key)[0] for key in keys if key.endswith(".counts")})
         for section in ragged:
             counts.setdefault(section, []).append(np.asarray(z[f"{section}.counts"], dtype=np.int64))
         seen_table: set[str] = set()
@@ -101,13 +101,14 @@ def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, a
             for key, value in attrs.items():
                 f.attrs[key] = _attr(value)
             offsets: dict[str, np.ndarray] = {}
-            for section, cs in counts.items():
+            # Sorted: the file layout (and so its bytes) must not depend on dict/set order or hash seeds.
+            for section, cs in sorted(counts.items()):
                 c = np.concatenate(cs) if cs else np.zeros(0, np.int64)
                 offsets[section] = np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
                 f.create_dataset(f"{section}/offsets", data=offsets[section], track_times=False)
-            for section, fs in fields.items():
+            for section, fs in sorted(fields.items()):
                 rows = int(offsets[section][-1]) if section in offsets else table_rows[section]
-                for fld, (dtype, shape) in fs.items():
+                for fld, (dtype, shape) in sorted(fs.items()):
                     f.create_dataset(f"{section}/{fld}", shape=(rows, *shape), dtype=dtype, track_times=False)
             # Pass 2: copy.
             pos = {s: 0 for s in fields}
