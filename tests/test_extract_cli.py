@@ -17,18 +17,11 @@ import torch
 
 from refground.cache import RaggedH5
 from refground.cli.main import main
-from refground.features.detector import CHECKPOINT_FILE, BuiltinDetector, DetectorConfig
+from refground.features.detector import CHECKPOINT_FILE, BuiltinDetector
 from refground.features.detector_train import train_detector
 from refground.graph import spatial_relations
 from refground.graph_artifact import read_graph
-
-
-def tiny_config(**kw) -> DetectorConfig:
-    base = dict(input_size=128, widths=[8, 16, 16, 16], depths=[0, 1, 0, 0], fpn_channels=16, head_channels=16,
-                roi_size=3, feature_dim=32, pre_nms_top_n=120, post_nms_top_n=60, epochs=1, batch_size=8,
-                warmup_steps=2, rois_per_image=16, train_proposals=16, inference_batch=4)
-    base.update(kw)
-    return DetectorConfig(**base)
+from test_detector import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,7 @@ def template(synth_cache, synth_ds, tmp_path_factory) -> Path:
     """A cache with the fixture dataset and a tiny trained detector as runs/detector/default."""
     root = tmp_path_factory.mktemp("extract") / "template"
     shutil.copytree(synth_cache / "synth" / "dataset", root / "synth" / "dataset")
-    train_detector(synth_ds, root / "synth" / "runs" / "detector" / "default", tiny_config(), seed=0,
+    train_detector(synth_ds, root / "synth" / "runs" / "detector" / "default", tiny_config(epochs=1), seed=0,
                    dataset_dir=root / "synth" / "dataset", evaluate=False)
     return root
 
