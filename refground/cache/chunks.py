@@ -31,6 +31,17 @@ PARTIAL_SUFFIX = ".partial"
 _CHUNK_RE = re.compile(r"^chunk-(\d{6})\.npz$")
 
 
+def partial_dir(artifact: str | Path) -> Path:
+    """``<artifact>.partial``: where the committed chunks of an unfinished artifact live."""
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + PARTIAL_SUFFIX)
+
+
+def discard_partial(artifact: str | Path) -> None:
+    """Delete the ``.partial`` folder of ``artifact`` (a forced run starts from scratch)."""
+    shutil.rmtree(partial_dir(artifact), ignore_errors=True)
+
+
 @dataclass(frozen=True)
 class Shard:
     """Shard ``index`` of ``count`` (0-based index; the CLI spells it ``K/N`` with K in 1..N)."""
@@ -65,7 +76,7 @@ class ChunkedJob:
 
     def __init__(self, artifact: Path, fingerprint: str, num_items: int, chunk_size: int):
         self.artifact = Path(artifact)
-        self.dir = self.artifact.with_name(self.artifact.name + PARTIAL_SUFFIX)
+        self.dir = partial_dir(self.artifact)
         self.fingerprint = fingerprint
         self.num_items = int(num_items)
         self.chunk_size = max(1, int(chunk_size))
@@ -154,7 +165,7 @@ class ChunkedJob:
 
 def partial_progress(artifact: Path) -> tuple[int, int] | None:
     """(done, total) chunks of an artifact's ``.partial`` folder, or None when there is none."""
-    d = Path(artifact).with_name(Path(artifact).name + PARTIAL_SUFFIX)
+    d = partial_dir(artifact)
     try:
         job = json.loads((d / "job.json").read_text())
     except (OSError, ValueError):

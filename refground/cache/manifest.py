@@ -209,8 +209,9 @@ def require(artifact: str | Path, remedy: str = "", check_parents: bool = False)
     hint = f"; run `{remedy}`" if remedy else "; re-run the step that made it"
     m = read_manifest_of(artifact)
     if m is None or not artifact.exists():
-        partial = artifact.with_name(artifact.name + ".partial")
-        state = "half-written (interrupted)" if partial.exists() else "missing"
+        from refground.cache.chunks import partial_dir
+
+        state = "half-written (interrupted)" if partial_dir(artifact).exists() else "missing"
         raise ArtifactError(f"{artifact}: {state}{hint}")
     if not m.complete:
         raise ArtifactError(f"{artifact}: incomplete{hint}")

@@ -116,8 +116,8 @@ class Extractor:
         self.ds, self.proposals, self.features, self.clip = ds, proposals, features, clip
         self.max_proposals, self.batch_size, self.dense_size = max_proposals, max(1, batch_size), dense_size
         self.existing = existing
-        rows = np.searchsorted(ds.image_ids, ds.query_image_ids, sorter=np.argsort(ds.image_ids))
         order = np.argsort(ds.image_ids)
+        rows = np.searchsorted(ds.image_ids, ds.query_image_ids, sorter=order)
         q_rows = order[rows] if len(rows) else rows
         # Queries grouped by image row (stable), for the CLIP artifact's queries section.
         self.query_order = np.argsort(q_rows, kind="stable")

@@ -16,6 +16,7 @@ import torch
 
 from refground.cache import (Parent, RaggedH5, Shard, fingerprint, is_current, parent, partial_progress,
                              require)
+from refground.cache.chunks import discard_partial
 from refground.cache.manifest import parent_fingerprints
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
@@ -35,7 +36,7 @@ def artifact_paths(root: Path, name: str, clip_name: str = "") -> dict[str, Path
 
 def features_path(dataset: str, cache: Any, name: str = "detector-default") -> Path:
     """Where the features artifact ``name`` of ``dataset`` lives."""
-    return dataset_dir(dataset, cache).parent / "features" / f"{name}.h5"
+    return artifact_paths(dataset_dir(dataset, cache).parent, name)["features"]
 
 
 def require_features(path: Path) -> None:
@@ -60,14 +61,6 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     ds_parent = parent("dataset", ds_dir)
     root = ds_dir.parent
     runs = root / "runs"
-    ds = None
-
-    def dataset_obj():
-        nonlocal ds
-        if ds is None:
-            ds = load_dataset(ds_dir)
-        return ds
-
     det = resolve(detector, "detector", runs)
     bb = resolve(backbone, "backbone", runs) if backbone else None
     feat = bb if bb is not None else (det if det.kind in ("builtin",) else None)
@@ -102,7 +95,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
             status[kind] = {"path": str(path), "status": "hit"}
             continue
         if force:
-            X.ChunkedJob(path, "", 0, 1).remove()  # a forced run starts from scratch
+            discard_partial(path)  # a forced run starts from scratch
         targets.append(X.Target(kind, path, step, params, parents, fp))
         status[kind] = {"path": str(path), "status": "todo"}
     result: dict[str, Any] = {"dataset": dataset, "name": name, "artifacts": status, "shard": str(sh)}
@@ -111,7 +104,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         result["cache_hit"] = True
         return result
 
-    ds = dataset_obj()
+    ds = load_dataset(ds_dir)
     torch.manual_seed(seed)
     det_model = det.load(ds) if det.kind != "none" else _NoProposals()
     feat_model = feat.load(ds) if feat is not None else None
