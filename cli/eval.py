@@ -9,7 +9,7 @@ import typer
 
 from refground.cli.apps import app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, OutOpt, SplitOpt
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, SplitOpt
 from refground.data.model import check_split_name
 from refground.data.store import load_named
 from refground.errors import UsageError
@@ -31,11 +31,40 @@ PointInOpt = Annotated[
 ]
 
 
-def resolve_predictions(predictions: Optional[Path]) -> Path:
-    """The predictions file to score. (Later options such as ``--method/--run`` resolve it from a run.)"""
-    if predictions is None:
-        raise UsageError("give the predictions file with --predictions FILE")
-    return predictions
+MethodOpt = Annotated[
+    Optional[str],
+    typer.Option("--method", "-m", help="Score a trained run of a method instead of a file: cmrin. Its "
+                 "predictions on the split are computed (or reused when current) first.", show_default=False),
+]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name under runs/<method>/ (default: the "
+                                               "method's name, e.g. cmrin).", show_default=False)]
+CandidatesOpt = Annotated[
+    str,
+    typer.Option("--candidates", help="With --method: candidate boxes per image, 'gt' (ground-truth objects) or "
+                 "'proposals' (the detector's top --top-n by confidence)."),
+]
+TopNOpt = Annotated[int, typer.Option("--top-n", help="With --candidates proposals: proposals per image.")]
+METHODS = ("cmrin",)
+
+
+def resolve_predictions(predictions: Optional[Path], method: Optional[str] = None, run: Optional[str] = None,
+                        dataset: str = "synth", cache: Optional[Path] = None, split: str = "val",
+                        candidates: str = "gt", top_n: int = 10, force: bool = False) -> Path:
+    """The predictions file to score: ``--predictions``, or those of a method's run (computed if needed)."""
+    if predictions is not None and method is not None:
+        raise UsageError("give either --predictions FILE or --method NAME, not both")
+    if method is None:
+        if predictions is None:
+            raise UsageError("give the predictions file with --predictions FILE, or a run with --method cmrin")
+        return predictions
+    if method not in METHODS:
+        raise UsageError(f"--method {method!r}: expected one of: {', '.join(METHODS)}")
+    from refground.models.cmrin_run import predict_cmrin
+
+    res = predict_cmrin(dataset, cache, run or method, split, candidates, top_n, force=force)
+    if res["status"] == "written":
+        info(f"wrote {res['path']} ({res['queries']} queries, {res['ms_per_query']} ms per query)")
+    return Path(res["path"])
 
 
 def default_json_path(predictions: Path, split: str) -> Path:
@@ -47,16 +76,23 @@ def default_json_path(predictions: Path, split: str) -> Path:
 def eval_command(
     split: SplitOpt,
     predictions: PredictionsOpt = None,
+    method: MethodOpt = None,
+    run: RunOpt = None,
+    candidates: CandidatesOpt = "gt",
+    top_n: TopNOpt = 10,
     dataset: DatasetOpt = "synth",
     multi_box: MultiBoxOpt = "union",
     point_in: PointInOpt = "box",
     out: OutOpt = None,
     cache: CacheOpt = None,
+    force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Score predictions (comprehension, segmentation, proposal recall, phrase grounding) on a split.
 
-    Queries of the split without a prediction count as misses and are reported as "missing".
+    Queries of the split without a prediction count as misses and are reported as "missing". With --method
+    the predictions of a trained run are written first (runs/<method>/<run>/predictions/<split>.<candidates>
+    .jsonl; --force recomputes them) and then scored the same way.
 
     Prints a table per section (an "all" row and one row per expression kind) and writes the figures as JSON
     to --out (default: beside the predictions file, <stem>.eval-<split>.json).
@@ -71,7 +107,7 @@ def eval_command(
         raise UsageError(f"--multi-box must be one of: {', '.join(MULTI_BOX)} (got {multi_box!r})")
     if point_in not in POINT_IN:
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
-    path = resolve_predictions(predictions)
+    path = resolve_predictions(predictions, method, run, dataset, cache, split, candidates, top_n, force)
     preds = read_predictions(path)
     ds = load_named(dataset, cache)
     result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)

@@ -30,6 +30,9 @@ from refground.cli import extract as _extract  # noqa: F401,E402
 from refground.cli import graph as _graph  # noqa: F401,E402
 from refground.cli import show as _show  # noqa: F401,E402
 from refground.cli import train_detector as _train_detector  # noqa: F401,E402
+from refground.cli import train_cmrin as _train_cmrin  # noqa: F401,E402
+from refground.cli import quickstart as _quickstart  # noqa: F401,E402
+from refground.cli import report as _report  # noqa: F401,E402
 
 
 @app.command("version")

@@ -121,3 +121,170 @@ def save_png(image: PILImage.Image, path: Path) -> Path:
     with atomic_file(Path(path), "wb") as fh:
         image.save(fh, format="PNG")
     return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CMRIN Figure 4: ground truth, vertex-gate ("attention score") map, matching-score map
+
+# A jet-like ramp (dark blue -> blue -> cyan -> yellow -> red -> dark red): warmer colour = higher score.
+HEAT_STOPS = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
+HEAT_COLOURS = np.array([[0, 0, 128], [0, 0, 255], [0, 255, 255], [255, 255, 0], [255, 0, 0], [128, 0, 0]],
+                        dtype=np.float64)
+PANEL_GAP = 8  # white pixels between two panels of a figure
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """Colour of each value in [0, 1] on the jet-like ramp :data:`HEAT_COLOURS` (values outside are
+    clipped). values: float[...] -> uint8[..., 3] RGB."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    rgb = np.stack([np.interp(v, HEAT_STOPS, HEAT_COLOURS[:, c]) for c in range(3)], axis=-1)
+    return np.rint(rgb).astype(np.uint8)
+
+
+def score_map(height: int, width: int, boxes: np.ndarray, values: np.ndarray, fill: float = 0.0) -> np.ndarray:
+    """Per-pixel maximum of ``values`` over the boxes covering the pixel; ``fill`` where no box covers it.
+
+    boxes: float[K, 4] xyxy continuous pixels (may be fractional or reach outside the image); values:
+    float[K] finite. Pixel (x, y) (column x, row y) is covered by a box when its centre lies in it:
+    x1 <= x + 0.5 < x2 and y1 <= y + 0.5 < y2. Returns float32[height, width].
+
+    Boxes are painted in ascending order of value so a higher one overwrites a lower one: each pixel ends
+    with the maximum exactly, with one slice assignment per box and no loop over pixels.
+    """
+    out = np.full((int(height), int(width)), fill, dtype=np.float32)
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(boxes) != len(values):
+        raise ValueError(f"score_map: {len(boxes)} boxes but {len(values)} values")
+    if len(boxes) == 0 or height <= 0 or width <= 0:
+        return out
+    # First pixel whose centre is >= the edge: [start, stop) are the centres inside [x1, x2).
+    xs = np.arange(width, dtype=np.float64) + 0.5
+    ys = np.arange(height, dtype=np.float64) + 0.5
+    x0, x1 = np.searchsorted(xs, boxes[:, 0], "left"), np.searchsorted(xs, boxes[:, 2], "left")
+    y0, y1 = np.searchsorted(ys, boxes[:, 1], "left"), np.searchsorted(ys, boxes[:, 3], "left")
+    for k in np.argsort(values, kind="stable"):
+        out[y0[k]:y1[k], x0[k]:x1[k]] = values[k]
+    return out
+
+
+def normalise_scores(values: np.ndarray) -> np.ndarray:
+    """Min-max normalise to [0, 1] (Figure 4); all values equal (or a single one) -> all 1. float32[K]."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if len(v) == 0:
+        return v.astype(np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    if not hi > lo:
+        return np.ones_like(v, dtype=np.float32)
+    return ((v - lo) / (hi - lo)).astype(np.float32)
+
+
+def heat_overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the coloured ``heat`` (float[H, W] in [0, 1]) over ``image`` (uint8[H, W, 3]) with opacity
+    ``alpha``. Returns uint8[H, W, 3]."""
+    mixed = (1 - alpha) * np.asarray(image, dtype=np.float64) + alpha * heat_colours(heat).astype(np.float64)
+    return np.rint(mixed).clip(0, 255).astype(np.uint8)
+
+
+def _colour_bar(width: int, height: int = 10) -> PILImage.Image:
+    ramp = heat_colours(np.linspace(0.0, 1.0, max(2, width)))
+    return PILImage.fromarray(np.repeat(ramp[None], height, axis=0))
+
+
+def render_cmrin_figure(
+    ds: Dataset,
+    query: Query,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    vertex_gates: np.ndarray | None = None,
+    candidates: str = "gt",
+    show_mask: bool = True,
+    scale: int | None = None,
+    alpha: float = 0.5,
+) -> PILImage.Image:
+    """CMRIN's Figure 4 for one query: three panels side by side, then the query text.
+
+    1. ground truth, drawn by :func:`render_query` (referent green, context blue, masks overlaid);
+    2. the vertex-gate ("attention score", eq. 4) map; for variants without vertex gates
+       (``vertex_gates`` None) the panel shows the dimmed image and the note "no vertex gates in this
+       variant", so every figure has the same layout;
+    3. the matching-score (eq. 8) map, with the top-scoring candidate's box (the prediction) in red.
+
+    boxes: float[K, 4] xyxy image pixels (the candidates); scores, vertex_gates: float[K]. A pixel's value
+    is the highest normalised value among the candidates covering its centre (:func:`score_map` at the
+    drawn resolution); values are min-max normalised to [0, 1] over the candidates (all equal -> 1),
+    uncovered pixels are 0. The heat map (:func:`heat_colours`, warmer = higher) is blended over the image
+    with opacity ``alpha``. Each panel is ``width * scale`` pixels wide (``scale`` as render_query:
+    default enough for 512 pixels), with :data:`PANEL_GAP` pixels between panels.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    gt_full = render_query(ds, query, show_mask=show_mask, scale=scale)
+    base = np.asarray(load_image(ds, query.image_id), dtype=np.uint8)
+    h, w = base.shape[:2]
+    s = scale or max(1, -(-512 // w))
+    pw, ph = w * s, h * s
+    big = np.asarray(PILImage.fromarray(base).resize((pw, ph), PILImage.NEAREST))
+    drawn = boxes * s
+
+    def heat_panel(values: np.ndarray) -> PILImage.Image:
+        heat = score_map(ph, pw, drawn, normalise_scores(values))
+        return PILImage.fromarray(heat_overlay(big, heat, alpha))
+
+    panels = [gt_full.crop((0, 0, pw, ph))]
+    if vertex_gates is not None:
+        panels.append(heat_panel(np.asarray(vertex_gates, dtype=np.float64).reshape(-1)))
+    else:
+        dim = PILImage.fromarray(np.rint(0.35 * big + 0.65 * 255).astype(np.uint8))
+        ImageDraw.Draw(dim).text((10, ph // 2 - 10), "no vertex gates in this variant", fill=(0, 0, 0), font=_font(18))
+        panels.append(dim)
+    score_panel = heat_panel(scores)
+    top = int(np.argmax(scores)) if len(scores) else -1
+    if top >= 0:
+        ImageDraw.Draw(score_panel).rectangle([float(v) for v in drawn[top]], outline=PRED, width=max(3, s))
+    panels.append(score_panel)
+
+    n_ref = [oid for m in query.mentions if m.role == "referent" for oid in m.object_ids]
+    iou_note = ""
+    if top >= 0 and len(n_ref) == 1:
+        import torch
+
+        from refground.boxes import box_iou
+
+        ref = torch.tensor([ds.object(n_ref[0]).box], dtype=torch.float64)
+        iou = float(box_iou(torch.from_numpy(boxes[top:top + 1]), ref)[0, 0])
+        iou_note = f", IoU {iou:.2f} with the referent"
+    legend = "green = referent" + (", blue = context" if any(m.role == "context" for m in query.mentions) else "")
+    captions = [
+        ["ground truth", legend],
+        ["attention (vertex gates)", "warmer = higher, 0..1" if vertex_gates is not None else "not in this variant"],
+        ["matching score", (f"red = top-1 (score {scores[top]:.3f}{iou_note})" if top >= 0 else "no candidates")],
+    ]
+
+    font, small = _font(16), _font(13)
+    line_h, bar_h = 22, 10
+    cap_h = 2 * line_h + bar_h + 12
+    total_w = 3 * pw + 2 * PANEL_GAP
+    tokens = query.tokens
+    for m in sorted(query.mentions, key=lambda m: -m.start):
+        tokens = tokens[:m.start] + ["[" + " ".join(tokens[m.start:m.end]) + "]"] + tokens[m.end:]
+    header = (f"query {query.id} ({query.kind or query.task}, {query.split}), {len(boxes)} candidates "
+              f"({candidates}); pixel = max normalised score of the candidates covering it")
+    width_chars = max(20, total_w // 9)
+    lines = textwrap.wrap(header, width=width_chars) + textwrap.wrap(" ".join(tokens), width=width_chars)
+    canvas = PILImage.new("RGB", (total_w, ph + cap_h + line_h * len(lines) + 10), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    for i, (panel, (title, sub)) in enumerate(zip(panels, captions)):
+        x = i * (pw + PANEL_GAP)
+        canvas.paste(panel, (x, 0))
+        d.text((x + 6, ph + 4), title, fill=(0, 0, 0), font=font)
+        d.text((x + 6, ph + 4 + line_h), sub, fill=(60, 60, 60), font=small)
+        if i > 0 and (i == 2 or vertex_gates is not None):
+            bar_w = max(2, min(pw - 40, 160))
+            y = ph + 2 * line_h + 6
+            canvas.paste(_colour_bar(bar_w, bar_h), (x + 18, y))
+            d.text((x + 6, y - 2), "0", fill=(0, 0, 0), font=small)
+            d.text((x + 22 + bar_w, y - 2), "1", fill=(0, 0, 0), font=small)
+    for i, line in enumerate(lines):
+        d.text((6, ph + cap_h + 5 + i * line_h), line, fill=(0, 0, 0), font=font)
+    return canvas

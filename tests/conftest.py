@@ -23,3 +23,34 @@ def synth_ds(synth_cache):
     from refground.data.store import load_named
 
     return load_named("synth", synth_cache)
+
+
+TINY_CMRIN = {"embed_dim": 16, "hidden_dim": 16, "type_dim": 8, "edge_type_dim": 8, "attention_dim": 16,
+              "graph_dim": 16, "spatial_dim": 8, "match_dim": 16, "epochs": 2, "batch_size": 16, "lr": 2e-3}
+
+
+@pytest.fixture(scope="session")
+def pipeline_cache(synth_cache, synth_ds, tmp_path_factory) -> Path:
+    """A cache with the fixture dataset, a tiny detector (runs/detector/default), its features (no dense
+    maps) and graphs: everything `refground train cmrin` needs. Copy it before writing into it."""
+    import shutil
+
+    import torch
+
+    from refground.features.detector_train import train_detector
+    from refground.features.pipeline import extract_dataset
+    from refground.graph_artifact import build_graphs
+    from test_detector import tiny_config
+
+    root = tmp_path_factory.mktemp("pipeline") / "cache"
+    shutil.copytree(synth_cache / "synth" / "dataset", root / "synth" / "dataset")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_detector(synth_ds, root / "synth" / "runs" / "detector" / "default", tiny_config(epochs=1), seed=0,
+                       dataset_dir=root / "synth" / "dataset", evaluate=False)
+        extract_dataset("synth", root, dense=False, max_proposals=20)
+        build_graphs("synth", root)
+    finally:
+        torch.set_num_threads(threads)
+    return root

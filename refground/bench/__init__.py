@@ -40,6 +40,7 @@ BENCH_MODULES = (
     "refground.bench.data_bench",
     "refground.bench.graph_bench",
     "refground.bench.extract_bench",
+    "refground.bench.cmrin_bench",
 )
 
 

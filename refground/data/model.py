@@ -366,6 +366,10 @@ class Dataset:
                      self.query_texts[k], tuple(mentions), relations, self.query_kinds[k],
                      self.query_splits[k], int(self.query_groups[k]), self.query_raws[k])
 
+    def query_row(self, query_id: int) -> int:
+        """Row of ``query_id`` in the query columns."""
+        return self._pos(self._query_pos, query_id, "query")
+
     def query(self, query_id: int) -> Query:
         return self._query_at(self._pos(self._query_pos, query_id, "query"))
 

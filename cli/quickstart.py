@@ -1,0 +1,48 @@
+"""``refground quickstart``: the main job, end to end on the embedded default (see refground.quickstart)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from refground.cli.apps import app
+from refground.cli.console import emit, info, table
+from refground.cli.options import CacheOpt, JsonOpt, SeedOpt
+
+
+@app.command("quickstart")
+def quickstart(
+    cache: CacheOpt = None,
+    seed: SeedOpt = 0,
+    cmrin_epochs: Annotated[Optional[int], typer.Option("--cmrin-epochs", help="CMRIN training epochs (default: "
+                                                        "the quickstart schedule, see README).",
+                                                        show_default=False)] = None,
+    top_n: Annotated[int, typer.Option("--top-n", help="Detector proposals per image for the proposal "
+                                       "evaluation.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate the default synthetic dataset, train the built-in detector, extract region features, build the
+    spatial relation graphs, train CMRIN, evaluate it on val/testA/testB with ground-truth objects and with the
+    detector's top-N proposals, and write a report (markdown + PNGs) under <cache>/synth/report/. Each step is
+    skipped when its artifact is already current, so running it again only re-reads the results."""
+    from refground.errors import UsageError
+    from refground.quickstart import QUICK_EPOCHS, run_quickstart
+
+    if cmrin_epochs is not None and cmrin_epochs < 1:
+        raise UsageError(f"--cmrin-epochs {cmrin_epochs}: must be at least 1")
+    if top_n < 1:
+        raise UsageError(f"--top-n {top_n}: must be at least 1")
+    steps = iter(range(1, 8))
+    result = run_quickstart(cache, seed=seed, cmrin_epochs=cmrin_epochs or QUICK_EPOCHS, top_n=top_n,
+                            on_step=lambda name: info(f"[{next(steps)}/7] {name}"))
+    kinds = [k for k in result["precision"].get("val", {})]
+    rows = [(s, *[result["precision"][s].get(k, "-") for k in kinds]) for s in result["precision"]]
+    drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),
+             result["precision"][s].get("all", 0) - result["proposals"][s].get("all", 0)) for s in result["precision"]]
+    tables = [table("CMRIN Precision@1, ground-truth objects as candidates", ["split", *kinds], rows),
+              table(f"with the detector's top {result['top_n']} proposals", ["split", "gt", "proposals", "drop"], drop),
+              table("steps", ["step", "seconds", "status"], [(s["step"], s["seconds"], s["status"]) for s in result["steps"]])]
+    emit(result, as_json, tables)
+    if not as_json:
+        info(f"report: {result['report']} ({result['seconds']} s in all)")

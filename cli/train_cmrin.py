@@ -1,0 +1,93 @@
+"""``refground train cmrin``: train CMRIN (or one of its Table 2 ablation variants) on ground-truth objects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from refground.cli.apps import train_app
+from refground.cli.console import emit, info, table
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
+from refground.errors import UsageError
+
+FeaturesOpt = Annotated[str, typer.Option("--features", help="Features artifact to read (features/<name>.h5, with "
+                                          "its graph artifact graph/<name>.h5).")]
+
+
+def _config_file(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable config ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object of CMRIN config fields")
+    return data
+
+
+@train_app.command("cmrin")
+def train_cmrin_command(
+    dataset: DatasetOpt = "synth",
+    cache: CacheOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Run name: <cache>/<dataset>/runs/cmrin/<name>/ "
+                                                "(default: the variant's name).", show_default=False)] = None,
+    variant: Annotated[str, typer.Option("--variant", help="Table 2 row: instance, global-2, guided-2, fusion-1, "
+                                         "fusion-3 or cmrin (2 gated graph convolutions with fusion).")] = "cmrin",
+    layers: Annotated[Optional[int], typer.Option("--layers", help="Gated graph convolutions (overrides the "
+                                                  "variant's).", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 12).",
+                                                  show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Queries per step (default 64, as in "
+                                                      "the paper).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default 5e-4, as in the paper).",
+                                                show_default=False)] = None,
+    features: FeaturesOpt = "detector-default",
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file of CMRIN config fields (e.g. "
+                                                        "a run's config.json); the options above override it.",
+                                                        show_default=False)] = None,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run with the same "
+                                         "config and seed after its last finished epoch.")] = True,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train CMRIN on the train split with ground-truth objects as candidates (triplet loss with online hard
+    negatives, Adam); keep the epoch with the best val Precision@1. Writes config.json, vocab.json,
+    checkpoint.pt, model.pt, curve.json and metrics.json into the run folder; skips a complete run with the
+    same config, seed and inputs."""
+    from refground.models.cmrin import CMRINConfig, variant_config
+    from refground.models.cmrin_run import train_cmrin
+
+    overrides = {k: v for k, v in {"layers": layers, "epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
+                 if v is not None}
+    for key in ("epochs", "batch_size"):
+        if key in overrides and overrides[key] < 1:
+            raise UsageError(f"--{key.replace('_', '-')} {overrides[key]}: must be at least 1")
+    if "lr" in overrides and not overrides["lr"] > 0:
+        raise UsageError(f"--lr {lr}: must be positive")
+    if config_file is not None:
+        base = _config_file(config_file)
+        try:
+            config = CMRINConfig.from_dict({**base, **overrides})
+        except TypeError as exc:
+            raise UsageError(f"{config_file}: {exc}") from None
+    else:
+        config = variant_config(variant, **overrides)
+    run_name = name or variant
+    result = train_cmrin(dataset, cache, run_name, config, features=features, seed=seed, resume=resume, force=force)
+    if result["cache_hit"]:
+        info(f"{result['run']}: complete with the same config, seed and inputs; cache hit, skipping "
+             "(use --force to retrain)")
+    elif result.get("resumed_from"):
+        info(f"{result['run']}: resumed after epoch {result['resumed_from']}")
+    m = result.get("metrics") or {}
+    rows = [(k.split("/", 1)[1] if "/" in k else "all", v) for k, v in m.items() if k.startswith("precision@1")]
+    tables = [table(f"cmrin {run_name!r}: val Precision@1 (ground-truth objects), best epoch {m.get('best_epoch')}",
+                    ["kind", "precision@1"], rows)]
+    curve = (result.get("curve") or {}).get("epochs") or []
+    if curve:
+        tables.append(table("training curve", ["epoch", "loss", "val precision@1", "seconds"],
+                            [(r["epoch"], r["loss"], r.get("val_precision@1", "-"), r["seconds"]) for r in curve]))
+    emit({"dataset": dataset, **{k: v for k, v in result.items() if k != "curve"}}, as_json, tables)

@@ -1,0 +1,248 @@
+"""Candidate boxes per image and padded query batches for two-stage comprehension models (CMRIN today).
+
+A :class:`CandidateSet` holds, for every image of a dataset, its candidate boxes with region features,
+5-d spatial features p_i and the spatial relation graph between them, flat in memory with per-image
+offsets. Candidates are either the ground-truth objects (``source="gt"``) or the first ``top_n`` proposals
+of a features artifact by confidence (``source="proposals"``); both are read from the features and graph
+artifacts in one contiguous read per array. A :class:`QueryTable` holds the encoded expressions of a
+split, and :func:`make_batch` pads a batch of queries into the tensors the models take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import torch
+from torch import Tensor
+
+from refground.cache import RaggedH5
+from refground.data.model import Dataset
+from refground.errors import ArtifactError, DataError, UsageError
+from refground.graph_artifact import graph_path
+from refground.text.vocab import Vocabulary
+
+SOURCES = ("gt", "proposals")
+
+
+@dataclass
+class CandidateSet:
+    """Candidates of every image, flat with offsets (image row r owns rows ``offsets[r]:offsets[r + 1]``).
+
+    boxes float32[M, 4] xyxy pixels; features float32[M, D]; spatial float32[M, 5] (= [x, y, w, h, wh],
+    :func:`refground.models.cmrin.spatial_feature`); object_ids int64[M] (ground-truth object id, or -1
+    for proposals); relations: uint8 flat per image (K_r x K_r, entry [a, b] the label of a to b) with
+    ``rel_offsets`` int64[I + 1]; image_sizes int64[I, 2] (height, width).
+    """
+
+    source: str
+    image_ids: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    features: np.ndarray
+    spatial: np.ndarray
+    object_ids: np.ndarray
+    relations: np.ndarray
+    rel_offsets: np.ndarray
+    image_sizes: np.ndarray
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def relation_matrix(self, image_row: int) -> np.ndarray:
+        k = int(self.offsets[image_row + 1] - self.offsets[image_row])
+        a, b = int(self.rel_offsets[image_row]), int(self.rel_offsets[image_row + 1])
+        return self.relations[a:b].reshape(k, k)
+
+
+def _spatial(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    from refground.models.cmrin import spatial_feature
+
+    return spatial_feature(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(sizes)).numpy()
+
+
+def _top_rows(offsets: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the first ``top_n`` items of every image, and the new offsets."""
+    counts = np.minimum(np.diff(offsets), top_n)
+    new_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rows = np.repeat(offsets[:-1], counts) + (np.arange(new_off[-1]) - np.repeat(new_off[:-1], counts))
+    return rows, new_off
+
+
+def _sub_relations(flat: np.ndarray, offsets: np.ndarray, counts: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The top-left ``keep_r x keep_r`` block of every image's ``K_r x K_r`` matrix (the relation of two
+    boxes depends only on the pair, so the first N proposals' graph is a block of the full graph)."""
+    parts, lens = [], []
+    for r in range(len(counts)):
+        k, n = int(counts[r]), int(keep[r])
+        m = flat[offsets[r]:offsets[r] + k * k].reshape(k, k)
+        parts.append(m[:n, :n].reshape(-1))
+        lens.append(n * n)
+    rel_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), rel_off
+
+
+def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n: int = 10,
+                    graph_file: Path | None = None) -> CandidateSet:
+    """Candidates of every image of ``ds`` from a features artifact and its graph artifact.
+
+    ``source="gt"``: the ground-truth objects (dataset order) with their region features;
+    ``source="proposals"``: the first ``top_n`` proposals of each image (best first). ``graph_file``
+    defaults to the graph artifact made for ``features_file`` (``graph/<features name>.h5``).
+    """
+    if source not in SOURCES:
+        raise UsageError(f"unknown candidate source {source!r}; expected one of: {', '.join(SOURCES)}")
+    if source == "proposals" and top_n < 1:
+        raise UsageError(f"--top-n {top_n}: must be at least 1")
+    if graph_file is None:
+        graph_file = graph_path(ds.name, Path(features_file).parents[2], Path(features_file).stem)
+    for path, step in ((features_file, "refground extract"), (graph_file, "refground graph")):
+        from refground.cache import require
+
+        require(path, step, check_parents=True)
+    sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)
+    with RaggedH5(features_file) as f, RaggedH5(graph_file) as g:
+        if not np.array_equal(f.table("images", "ids"), ds.image_ids):
+            raise ArtifactError(f"{features_file}: its images differ from the dataset's; run `refground extract --force`")
+        if not np.array_equal(g.table("images", "ids"), ds.image_ids):
+            raise ArtifactError(f"{graph_file}: its images differ from the dataset's; run `refground graph --force`")
+        if source == "gt":
+            if not np.array_equal(f.table("objects", "ids"), ds.object_ids):
+                raise ArtifactError(f"{features_file}: its objects differ from the dataset's; run `refground extract --force`")
+            offsets = ds.image_object_offsets.astype(np.int64)
+            features = f.table("objects", "features").astype(np.float32)
+            boxes = ds.object_boxes.astype(np.float32)
+            object_ids = ds.object_ids.astype(np.int64)
+            relations, rel_offsets = g.table("objects", "labels"), g.offsets["objects"]
+            if not np.array_equal(np.diff(rel_offsets), np.diff(offsets) ** 2):
+                raise ArtifactError(f"{graph_file}: its object graphs do not match the dataset; run `refground graph --force`")
+        else:
+            if not g.has("proposals"):
+                raise ArtifactError(f"{graph_file}: no proposal graphs; run `refground graph`")
+            full_off = f.offsets["proposals"]
+            rows, offsets = _top_rows(full_off, top_n)
+            features = f.table("proposals", "features")[rows].astype(np.float32)
+            boxes = f.table("proposals", "boxes")[rows].astype(np.float32)
+            object_ids = np.full(len(rows), -1, dtype=np.int64)
+            counts = np.diff(full_off)
+            if not np.array_equal(np.diff(g.offsets["proposals"]), counts ** 2):
+                raise ArtifactError(f"{graph_file}: its proposal graphs do not match {features_file}; "
+                                    "run `refground graph --force`")
+            relations, rel_offsets = _sub_relations(g.table("proposals", "labels"), g.offsets["proposals"], counts,
+                                                    np.diff(offsets))
+    image_of_row = np.repeat(np.arange(ds.num_images), np.diff(offsets))
+    spatial = _spatial(boxes, sizes[image_of_row]) if len(boxes) else np.zeros((0, 5), np.float32)
+    return CandidateSet(source, ds.image_ids.astype(np.int64), offsets, boxes, features, spatial, object_ids,
+                        relations.astype(np.uint8), rel_offsets.astype(np.int64), sizes)
+
+
+@dataclass
+class QueryTable:
+    """Encoded expression queries of one split.
+
+    query_ids int64[Q]; image_rows int64[Q] (row of the query's image in the dataset); words int64[Q, T]
+    (0-padded vocabulary ids); targets int64[Q] (index of the referent among its image's ground-truth
+    objects, -1 where the referent is not a single object of the image); kinds list[str].
+    """
+
+    query_ids: np.ndarray
+    image_rows: np.ndarray
+    words: np.ndarray
+    targets: np.ndarray
+    kinds: list[str]
+
+    def __len__(self) -> int:
+        return len(self.query_ids)
+
+
+def encode_queries(ds: Dataset, split: str, vocab: Vocabulary, max_words: int = 40) -> QueryTable:
+    """The expression queries of ``split`` (refer semantics) encoded with ``vocab``; an empty split or an
+    empty expression is a :class:`DataError`. Longer expressions are cut to ``max_words`` words."""
+    rows = ds.query_rows(split, "expression")
+    if len(rows) == 0:
+        raise DataError(f"dataset {ds.name} has no expression queries in split {split!r}")
+    return encode_query_rows(ds, rows, vocab, max_words)
+
+
+def encode_query_rows(ds: Dataset, rows: np.ndarray, vocab: Vocabulary, max_words: int = 40) -> QueryTable:
+    """The queries at storage rows ``rows`` (see :func:`encode_queries`)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    image_pos = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
+    words = np.zeros((len(rows), max_words), dtype=np.int64)
+    targets = np.full(len(rows), -1, dtype=np.int64)
+    image_rows = np.zeros(len(rows), dtype=np.int64)
+    longest = 1
+    for n, k in enumerate(rows.tolist()):
+        q = ds._query_at(k)
+        tokens = [t for t in q.tokens if t]
+        if not tokens:
+            raise DataError(f"dataset {ds.name}: query {q.id} is empty")
+        ids = vocab.encode(tokens[:max_words])
+        words[n, :len(ids)] = ids
+        longest = max(longest, len(ids))
+        r = image_pos[q.image_id]
+        image_rows[n] = r
+        ref = [m.object_ids for m in q.mentions if m.role == "referent"]
+        if ref and len(ref[0]) == 1:
+            targets[n] = ds.object_row(ref[0][0]) - int(ds.image_object_offsets[r])
+    return QueryTable(ds.query_ids[rows].astype(np.int64), image_rows, words[:, :longest], targets,
+                      [ds.query_kinds[k] for k in rows.tolist()])
+
+
+@dataclass
+class Batch:
+    """Padded model inputs of B queries: words LongTensor[B, T]; features Tensor[B, K, D]; spatial
+    Tensor[B, K, 5]; relations LongTensor[B, K, K]; cand_mask BoolTensor[B, K]; targets LongTensor[B];
+    index int64[B] (rows of the QueryTable)."""
+
+    words: Tensor
+    features: Tensor
+    spatial: Tensor
+    relations: Tensor
+    cand_mask: Tensor
+    targets: Tensor
+    index: np.ndarray
+
+    def inputs(self) -> dict[str, Tensor]:
+        return {"words": self.words, "features": self.features, "spatial": self.spatial,
+                "relations": self.relations, "cand_mask": self.cand_mask}
+
+
+def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray) -> Batch:
+    """Pad the queries ``index`` (rows of ``queries``) with their images' candidates (vectorised gathers)."""
+    index = np.asarray(index, dtype=np.int64)
+    img = queries.image_rows[index]
+    counts = cands.offsets[img + 1] - cands.offsets[img]
+    b, k = len(index), max(1, int(counts.max()) if len(counts) else 1)
+    slot = np.arange(k)
+    valid = slot[None, :] < counts[:, None]                                         # [B, K]
+    rows = np.where(valid, cands.offsets[img][:, None] + slot[None, :], 0)
+    feats = cands.features[rows] * valid[..., None]
+    spatial = cands.spatial[rows] * valid[..., None]
+    pair_valid = valid[:, :, None] & valid[:, None, :]
+    rel_rows = np.where(pair_valid, cands.rel_offsets[img][:, None, None] + slot[None, :, None] * counts[:, None, None]
+                        + slot[None, None, :], 0)
+    rel = np.where(pair_valid, cands.relations[rel_rows], 0)
+    words = queries.words[index]
+    t = max(1, int((words != 0).sum(1).max()))
+    return Batch(torch.from_numpy(words[:, :t].copy()), torch.from_numpy(feats.astype(np.float32)),
+                 torch.from_numpy(spatial.astype(np.float32)), torch.from_numpy(rel.astype(np.int64)),
+                 torch.from_numpy(valid), torch.from_numpy(queries.targets[index].copy()), index)
+
+
+def feature_stats(cands: CandidateSet, image_rows: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation of the candidate features of ``image_rows``."""
+    rows = np.concatenate([np.arange(cands.offsets[r], cands.offsets[r + 1]) for r in image_rows]) \
+        if len(image_rows) else np.zeros(0, np.int64)
+    x = cands.features[rows].astype(np.float64)
+    if len(x) == 0:
+        return torch.zeros(cands.feature_dim), torch.ones(cands.feature_dim)
+    return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
+
+
+__all__ = ["Batch", "CandidateSet", "QueryTable", "SOURCES", "encode_queries", "encode_query_rows", "feature_stats", "load_candidates",
+           "make_batch"]

@@ -1,0 +1,271 @@
+"""CMRIN as a pipeline step: train a run, load it, score queries, write predictions.
+
+``train_cmrin`` trains on the ground-truth objects of the train split (the candidates of Sec. 4.2), keeps
+the epoch with the best val Precision@1 (ground-truth candidates) and records the curve. ``predict_cmrin``
+scores a split's expressions against ground-truth objects or the top-N detector proposals and writes a
+predictions file (:mod:`refground.eval.predictions`) that ``refground eval`` scores like any other.
+
+Run folder ``<cache>/<dataset>/runs/cmrin/<name>/`` (:mod:`refground.train`) plus ``vocab.json`` and
+``predictions/<split>.<candidates>.jsonl`` (candidates ``gt`` or ``proposals<N>``) with a manifest each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refground.cache import is_current, parent, require, write_manifest
+from refground.cache import fingerprint as make_fingerprint
+from refground.data.store import dataset_dir, load_dataset
+from refground.errors import ArtifactError, DataError, UsageError
+from refground.features.pipeline import features_path
+from refground.graph_artifact import graph_path
+from refground.models.candidates import CandidateSet, QueryTable, encode_queries, encode_query_rows, feature_stats, load_candidates, make_batch
+from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
+from refground.progress import track
+from refground.text.vocab import Vocabulary
+from refground.train import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunSpec, fit, load_weights, read_json,
+                             write_json)
+
+STEP = "train.cmrin@1"
+PREDICT_STEP = "predict.cmrin@1"
+VOCAB_FILE = "vocab.json"
+EVAL_BATCH = 256
+
+
+def run_dir(dataset: str, cache: Any, name: str) -> Path:
+    """``<cache>/<dataset>/runs/cmrin/<name>``."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise UsageError(f"run name {name!r}: expected a plain folder name")
+    return dataset_dir(dataset, cache).parent / "runs" / "cmrin" / name
+
+
+def _inputs(dataset: str, cache: Any, features: str) -> tuple[Path, Path, Path]:
+    ds_dir = dataset_dir(dataset, cache)
+    f_path = features_path(dataset, cache, features)
+    g_path = graph_path(dataset, cache, features)
+    require(f_path, "refground extract", check_parents=True)
+    require(g_path, "refground graph", check_parents=True)
+    return ds_dir, f_path, g_path
+
+
+@torch.no_grad()
+def score_queries(model: CMRIN, queries: QueryTable, cands: CandidateSet, index: np.ndarray | None = None,
+                  batch_size: int = EVAL_BATCH, extras: bool = False, description: str = "") -> list[dict[str, np.ndarray]]:
+    """Scores of every candidate of each query (rows ``index`` of ``queries``, default all), in order.
+
+    Each item: ``{"scores": float32[K]}`` and with ``extras`` the CMRE outputs where the variant has them:
+    ``vertex_gates`` float32[K], ``edge_gates`` float32[11], ``word_types`` float32[T, 4].
+    """
+    model.eval()
+    index = np.arange(len(queries)) if index is None else np.asarray(index, dtype=np.int64)
+    out: list[dict[str, np.ndarray]] = []
+    chunks = [index[i:i + batch_size] for i in range(0, len(index), batch_size)]
+    for rows in (track(chunks, total=len(chunks), description=description) if description else chunks):
+        b = make_batch(queries, cands, rows)
+        res = model(**b.inputs())
+        k = b.cand_mask.sum(1).tolist()
+        t = (b.words != 0).sum(1).tolist()
+        for n in range(len(rows)):
+            item = {"scores": res["scores"][n, :k[n]].numpy().astype(np.float32)}
+            if extras and "vertex_gates" in res:
+                item["vertex_gates"] = res["vertex_gates"][n, :k[n]].numpy().astype(np.float32)
+                item["edge_gates"] = res["edge_gates"][n].numpy().astype(np.float32)
+                item["word_types"] = res["word_types"][n, :t[n]].numpy().astype(np.float32)
+            out.append(item)
+    return out
+
+
+def precision_by_kind(hits: np.ndarray, kinds: list[str]) -> dict[str, float]:
+    """``{"precision@1": ..., "precision@1/<kind>": ...}`` from per-query hits (selection of the referent)."""
+    kinds_arr = np.asarray(kinds)
+    figs = {"precision@1": float(hits.mean()) if len(hits) else float("nan")}
+    for k in sorted(set(kinds)):
+        if k:
+            figs[f"precision@1/{k}"] = float(hits[kinds_arr == k].mean())
+    return figs
+
+
+def _gt_hits(model: CMRIN, queries: QueryTable, cands: CandidateSet) -> np.ndarray:
+    scored = score_queries(model, queries, cands)
+    best = np.array([int(np.argmax(s["scores"])) for s in scored])
+    return best == queries.targets
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its folder, model (eval mode, best weights), vocabulary, config and manifest params."""
+
+    path: Path
+    model: CMRIN
+    vocab: Vocabulary
+    config: CMRINConfig
+    params: dict[str, Any]
+    fingerprint: str
+
+
+def load_run(path: Path) -> LoadedRun:
+    """Load a complete CMRIN run folder (refuses an interrupted or missing one with a one-line error)."""
+    path = Path(path)
+    m = require(path, f"refground train cmrin --name {path.name}")
+    cfg_d = read_json(path / CONFIG_FILE)
+    if not isinstance(cfg_d, dict) or not (path / MODEL_FILE).is_file():
+        raise ArtifactError(f"{path}: run without config or weights; run `refground train cmrin --name {path.name} --force`")
+    config = CMRINConfig.from_dict(cfg_d)
+    model = CMRIN(config)
+    model.load_state_dict(load_weights(path / MODEL_FILE))
+    model.eval()
+    return LoadedRun(path, model, Vocabulary.load(path / VOCAB_FILE), config, m.params, m.fingerprint)
+
+
+def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: CMRINConfig | None = None,
+                features: str = "detector-default", seed: int = 0, resume: bool = True, force: bool = False
+                ) -> dict[str, Any]:
+    """Train CMRIN on ``dataset``'s train split (ground-truth objects as candidates) into the run ``name``.
+
+    Needs the features artifact ``features`` and its graph artifact. Skips a complete run with the same
+    fingerprint (config, seed, inputs) unless ``force``; resumes an interrupted one after its last epoch.
+    Returns the run summary: ``run``, ``cache_hit``, ``resumed_from``, ``best_epoch``, ``train_seconds``,
+    ``queries_per_s``, ``metrics`` (val Precision@1 overall and per kind at the best epoch), ``curve``.
+    """
+    t_start = time.perf_counter()
+    config = config or CMRINConfig()
+    ds_dir, f_path, g_path = _inputs(dataset, cache, features)
+    out = run_dir(dataset, cache, name)
+    params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("vocab_size", "visual_dim")},
+              "seed": int(seed), "features": features, "train_split": "train", "select_split": "val"}
+    spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
+                                       "graph": parent("artifact", g_path)}, kind="runs/cmrin")
+    result: dict[str, Any] = {"run": str(out), "name": name, "fingerprint": spec.fingerprint, "cache_hit": False}
+    if not force and spec.is_complete():
+        extra = (read_json(out / "manifest.json") or {}).get("extra", {})
+        result.update(cache_hit=True, metrics=read_json(out / METRICS_FILE) or {},
+                      seconds=round(time.perf_counter() - t_start, 3), **extra)
+        return result
+    ds = load_dataset(ds_dir)
+    cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
+    vocab = Vocabulary.build((ds._query_at(k).tokens for k in ds.query_rows("train", "expression")),
+                             min_count=config.min_word_count)
+    train_q = encode_queries(ds, "train", vocab)
+    val_q = encode_queries(ds, "val", vocab)
+    usable = np.flatnonzero(train_q.targets >= 0)
+    if len(usable) == 0:
+        raise DataError(f"dataset {dataset}: no train expression with a single referent object")
+    config.vocab_size, config.visual_dim = len(vocab), cands.feature_dim
+    out.mkdir(parents=True, exist_ok=True)
+    state = spec.resumable_state() if resume and not force else None
+    spec.mark(complete=False)
+    write_json(out / CONFIG_FILE, config.to_dict())
+    vocab.save(out / VOCAB_FILE)
+
+    torch.manual_seed(seed)
+    model = CMRIN(config)
+    model.set_feature_stats(*feature_stats(cands, np.unique(train_q.image_rows)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    val_ok = val_q.targets >= 0
+
+    def batches(rng: np.random.Generator) -> list[np.ndarray]:
+        perm = usable[rng.permutation(len(usable))]
+        return [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+
+    def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+        b = make_batch(train_q, cands, rows)
+        return triplet_loss(model(**b.inputs())["scores"], b.targets, config.margin, gen), len(rows)
+
+    def evaluate() -> dict[str, Any]:
+        hits = _gt_hits(model, val_q, cands)[val_ok]
+        return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, [val_q.kinds[i] for i in np.flatnonzero(val_ok)]).items()}
+
+    def lr_at(epoch: int) -> float:
+        if config.lr_decay_epochs and epoch >= config.lr_decay_epochs:
+            return config.lr * 0.1
+        return config.lr
+
+    fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
+             evaluate=evaluate, select="val_precision@1", lr_at=lr_at, state=state, description="train cmrin")
+    best = next((r for r in fr.curve["epochs"] if r["epoch"] == fr.best_epoch), {})
+    metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch,
+               **{k[4:]: v for k, v in best.items() if k.startswith("val_")}}
+    write_json(out / METRICS_FILE, metrics)
+    extra = {"train_seconds": round(fr.train_seconds, 2), "queries_per_s": round(fr.items_per_s, 1),
+             "epochs_trained_now": config.epochs - fr.resumed_from, "steps": fr.steps,
+             "threads": torch.get_num_threads(), "train_queries": int(len(usable))}
+    spec.mark(complete=True, extra=extra)
+    result.update(resumed_from=fr.resumed_from, best_epoch=fr.best_epoch, metrics=metrics, curve=fr.curve,
+                  seconds=round(time.perf_counter() - t_start, 3), **extra)
+    return result
+
+
+def predictions_path(run: Path, split: str, source: str, top_n: int) -> Path:
+    tag = "gt" if source == "gt" else f"proposals{top_n}"
+    return Path(run) / "predictions" / f"{split}.{tag}.jsonl"
+
+
+def predict_cmrin(dataset: str, cache: Any, name: str, split: str, source: str = "gt", top_n: int = 10,
+                  force: bool = False) -> dict[str, Any]:
+    """Write (or find current) the predictions of run ``name`` on ``split``: for every expression query its
+    ranked candidates (``boxes``, ``scores``; ``box`` the top one). Returns ``{"path", "status", ...}``."""
+    from refground.eval.predictions import write_predictions
+
+    out = run_dir(dataset, cache, name)
+    run = load_run(out)
+    features = run.params.get("features", "detector-default")
+    ds_dir, f_path, g_path = _inputs(dataset, cache, features)
+    path = predictions_path(out, split, source, top_n)
+    params = {"split": split, "source": source, "top_n": int(top_n) if source == "proposals" else 0}
+    parents = {"run": parent("file", out / MODEL_FILE), "features": parent("artifact", f_path),
+               "graph": parent("artifact", g_path), "dataset": parent("dataset", ds_dir)}
+    from refground.cache.manifest import parent_fingerprints
+
+    fp = make_fingerprint(PREDICT_STEP, params, parent_fingerprints(parents))
+    result = {"path": str(path), "split": split, "candidates": path.name.split(".")[1]}
+    if not force and is_current(path, fp):
+        result["status"] = "hit"
+        return result
+    ds = load_dataset(ds_dir)
+    cands = load_candidates(ds, f_path, source, top_n, graph_file=g_path)
+    queries = encode_queries(ds, split, run.vocab)
+    t0 = time.perf_counter()
+    scored = score_queries(run.model, queries, cands, description=f"cmrin {split} ({result['candidates']})")
+    seconds = time.perf_counter() - t0
+    lines = []
+    for n, s in enumerate(scored):
+        r = int(queries.image_rows[n])
+        order = np.argsort(-s["scores"], kind="stable")
+        boxes = cands.boxes[cands.offsets[r]:cands.offsets[r + 1]][order]
+        if len(boxes) == 0:
+            continue  # no candidate: the query counts as a miss
+        lines.append({"query_id": int(queries.query_ids[n]), "box": boxes[0].tolist(), "boxes": boxes.tolist(),
+                      "scores": s["scores"][order].tolist()})
+    write_predictions(path, lines)
+    write_manifest(path, step=PREDICT_STEP, params=params, parents=parents, fingerprint=fp, kind="predictions",
+                   extra={"queries": len(lines), "seconds": round(seconds, 3),
+                          "ms_per_query": round(1000 * seconds / max(1, len(queries)), 4)})
+    result.update(status="written", queries=len(lines), ms_per_query=round(1000 * seconds / max(1, len(queries)), 4))
+    return result
+
+
+def explain_query(dataset: str, cache: Any, name: str, query_id: int, source: str = "gt", top_n: int = 10
+                  ) -> dict[str, Any]:
+    """Everything Figure 4 draws for one query: ``query`` (record), ``boxes`` float32[K, 4], ``scores``
+    float32[K] (eq. 8), ``vertex_gates`` float32[K] (eq. 4; absent for the global-language variants),
+    ``edge_gates`` float32[11], ``word_types`` float32[T, 4], ``tokens`` list[str], ``candidates`` tag."""
+    ds = load_dataset(dataset_dir(dataset, cache))
+    q = ds.query(query_id)
+    if q.task != "expression":
+        raise UsageError(f"query {query_id} is a caption; CMRIN grounds referring expressions")
+    out = run_dir(dataset, cache, name)
+    run = load_run(out)
+    _, f_path, g_path = _inputs(dataset, cache, run.params.get("features", "detector-default"))
+    cands = load_candidates(ds, f_path, source, top_n, graph_file=g_path)
+    table = encode_query_rows(ds, np.array([ds.query_row(q.id)]), run.vocab)
+    item = score_queries(run.model, table, cands, extras=True)[0]
+    r = int(table.image_rows[0])
+    return {"query": q, "tokens": q.tokens, "boxes": cands.boxes[cands.offsets[r]:cands.offsets[r + 1]],
+            "candidates": source if source == "gt" else f"proposals{top_n}", **item}
+

@@ -1,0 +1,1 @@
+"""Text: tokenisation and vocabularies shared by the methods."""

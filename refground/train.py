@@ -1,0 +1,186 @@
+"""One seeded training loop for the methods: run folders, epoch checkpoints, resume, curves, best-on-val.
+
+A run folder (``<cache>/<dataset>/runs/<method>/<name>/``) holds::
+
+    manifest.json     step, params, parent fingerprints, complete flag (written first incomplete, last complete)
+    config.json       the resolved model config (and anything else the method saves beside it)
+    checkpoint.pt     after every epoch: model, optimizer, epoch, best score so far (atomic rewrite)
+    model.pt          the weights to use: those of the best epoch on the selection metric (else the last)
+    curve.json        {"steps": [{"step", "epoch", "loss"}...], "epochs": [{"epoch", "loss", "seconds", **val}...]}
+    metrics.json      the method's final figures
+
+Randomness is derived from (seed, epoch) for every epoch (batch order, negative draws), so a run resumed
+after its last finished epoch produces the same weights as an uninterrupted one. An interrupted epoch is
+redone from the start; ``checkpoint.pt`` is only ever replaced whole.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refground.atomic import atomic_file
+from refground.cache import fingerprint, is_current, write_manifest
+from refground.cache.manifest import Parent, parent_fingerprints
+from refground.progress import track
+
+CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.pt"
+CURVE_FILE = "curve.json"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+STEP_LOG_EVERY = 20
+
+
+def read_json(path: Path) -> Any:
+    """The JSON content of ``path``, or None when missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_file(Path(path)) as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+
+
+def load_weights(path: Path) -> dict[str, Any]:
+    """A checkpoint or weights file, loaded safely (tensors and plain containers only)."""
+    return torch.load(Path(path), map_location="cpu", weights_only=True)
+
+
+def epoch_rng(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The numpy and torch generators of one epoch (independent of how many epochs ran before)."""
+    return (np.random.default_rng([int(seed), int(epoch), 1]),
+            torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch)))
+
+
+@dataclass
+class RunSpec:
+    """What identifies a run: its folder, step name, parameters and inputs (their fingerprints chain)."""
+
+    out_dir: Path
+    step: str
+    params: dict[str, Any]
+    parents: dict[str, Parent]
+    kind: str
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.fingerprint = fingerprint(self.step, self.params, parent_fingerprints(self.parents))
+
+    def is_complete(self) -> bool:
+        """A complete run with this fingerprint, its weights and metrics present."""
+        return (is_current(self.out_dir, self.fingerprint) and (self.out_dir / MODEL_FILE).is_file()
+                and (self.out_dir / METRICS_FILE).is_file())
+
+    def mark(self, complete: bool, extra: dict[str, Any] | None = None) -> None:
+        write_manifest(self.out_dir, step=self.step, params=self.params, parents=self.parents,
+                       fingerprint=self.fingerprint, complete=complete, kind=self.kind, extra=extra)
+
+    def resumable_state(self) -> dict[str, Any] | None:
+        """The last epoch checkpoint of an interrupted run with the same fingerprint, else None."""
+        path = self.out_dir / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = load_weights(path)
+        except Exception:  # an unreadable checkpoint is simply not resumable
+            return None
+        return state if state.get("fingerprint") == self.fingerprint else None
+
+
+@dataclass
+class FitResult:
+    epochs: int
+    resumed_from: int
+    best_epoch: int
+    best_score: float | None
+    steps: int
+    train_seconds: float
+    items_per_s: float
+    curve: dict[str, list[dict[str, Any]]]
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec, *, epochs: int, seed: int,
+        batches: Callable[[np.random.Generator], Sequence[Any]],
+        train_step: Callable[[Any, torch.Generator], tuple[torch.Tensor, int]],
+        evaluate: Callable[[], dict[str, Any]] | None = None, select: str | None = None,
+        lr_at: Callable[[int], float] | None = None, state: dict[str, Any] | None = None,
+        description: str = "train") -> FitResult:
+    """Train ``model`` for ``epochs`` epochs, checkpointing into ``spec.out_dir`` after each.
+
+    ``batches(rng)`` gives one epoch's batches; ``train_step(batch, generator)`` returns (loss, items) for
+    one batch (the loop does zero_grad / backward / step). After each epoch ``evaluate()`` gives figures
+    (e.g. val Precision@1) that go into the curve; the epoch with the highest ``figures[select]`` is kept
+    as ``model.pt`` (without ``select``, the last epoch). ``lr_at(epoch)`` sets the learning rate of each
+    epoch. ``state`` is a :meth:`RunSpec.resumable_state` to continue from.
+    """
+    out = spec.out_dir
+    start, steps, best_epoch, best_score = 0, 0, 0, None
+    curve: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, steps = int(state["epoch"]), int(state["steps"])
+        best_epoch = int(state.get("best_epoch", 0))
+        best_score = state.get("best_score")
+        old = read_json(out / CURVE_FILE) or {}
+        curve = {"steps": [r for r in old.get("steps", []) if r.get("epoch", 0) <= start],
+                 "epochs": [r for r in old.get("epochs", []) if r.get("epoch", 0) <= start]}
+    train_seconds, items = 0.0, 0
+    for epoch in range(start, epochs):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch)
+        rng, gen = epoch_rng(seed, epoch)
+        epoch_batches = batches(rng)
+        model.train()
+        t0 = time.perf_counter()
+        losses = []
+        for batch in track(epoch_batches, total=len(epoch_batches), description=f"{description} epoch {epoch + 1}/{epochs}"):
+            loss, n = train_step(batch, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            items += n
+            losses.append(float(loss.detach()))
+            if steps % STEP_LOG_EVERY == 0:
+                curve["steps"].append({"step": steps, "epoch": epoch + 1,
+                                       "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6)})
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)) if losses else 0.0, 6),
+                               "seconds": round(seconds, 2)}
+        if evaluate is not None:
+            model.eval()
+            with torch.no_grad():
+                row.update(evaluate())
+        curve["epochs"].append(row)
+        score = row.get(select) if select else None
+        if select is None or best_score is None or (score is not None and score > best_score):
+            best_epoch, best_score = epoch + 1, score
+            with atomic_file(out / MODEL_FILE, "wb") as fh:
+                torch.save(model.state_dict(), fh)
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                "steps": steps, "best_epoch": best_epoch, "best_score": best_score, "seed": int(seed),
+                "fingerprint": spec.fingerprint}
+        with atomic_file(out / CHECKPOINT_FILE, "wb") as fh:
+            torch.save(ckpt, fh)
+        write_json(out / CURVE_FILE, curve)
+    return FitResult(epochs, start, best_epoch, best_score, steps, train_seconds,
+                     items / train_seconds if train_seconds > 0 else float("nan"), curve)
+
+
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE", "RunSpec",
+           "epoch_rng", "fit", "load_weights", "read_json", "write_json"]
