@@ -21,3 +21,18 @@ SplitOpt = Annotated[
                  "(refer semantics: testA includes testAB)."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.", show_default=False)]
+
+
+def read_config_file(path: Path, what: str) -> dict:
+    """The JSON object of a ``--config`` file (``what`` names its fields in the error), or a one-line UsageError."""
+    import json
+
+    from refground.errors import UsageError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable config ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object of {what} fields")
+    return data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,21 +9,11 @@ import typer
 
 from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt, read_config_file
 from refground.errors import UsageError
 
 FeaturesOpt = Annotated[str, typer.Option("--features", help="Features artifact to read (features/<name>.h5, with "
                                           "its graph artifact graph/<name>.h5).")]
-
-
-def _config_file(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable config ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object of CMRIN config fields")
-    return data
 
 
 @train_app.command("cmrin")
@@ -68,7 +57,7 @@ def train_cmrin_command(
     if "lr" in overrides and not overrides["lr"] > 0:
         raise UsageError(f"--lr {lr}: must be positive")
     if config_file is not None:
-        base = _config_file(config_file)
+        base = read_config_file(config_file, "CMRIN config")
         try:
             config = CMRINConfig.from_dict({**base, **overrides})
         except TypeError as exc:

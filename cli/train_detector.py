@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,24 +9,8 @@ import typer
 
 from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt, read_config_file
 from refground.errors import UsageError
-
-
-def _name_ok(name: str) -> str:
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise UsageError(f"--name {name!r}: expected a plain folder name")
-    return name
-
-
-def _read_config(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable config ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object of detector config fields")
-    return data
 
 
 @train_app.command("detector")
@@ -60,6 +43,7 @@ def train_detector_command(
     from refground.data.store import dataset_dir, load_dataset
     from refground.features.detector import DetectorConfig
     from refground.features.detector_train import train_detector
+    from refground.train import check_run_name
 
     overrides = {k: v for k, v in {"epochs": epochs, "input_size": input_size, "batch_size": batch_size,
                                    "lr": lr}.items() if v is not None}
@@ -69,13 +53,13 @@ def train_detector_command(
                              f"{32 if key == 'input_size' else 1}")
     if "lr" in overrides and not overrides["lr"] > 0:
         raise UsageError(f"--lr {lr}: must be positive")
-    base = _read_config(config_file) if config_file is not None else {}
+    base = read_config_file(config_file, "detector config") if config_file is not None else {}
     try:
         config = DetectorConfig.from_dict({**base, **overrides})
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{config_file or 'detector config'}: {exc}") from None
     ds_dir = dataset_dir(dataset, cache)
-    out_dir = ds_dir.parent / "runs" / "detector" / _name_ok(name)
+    out_dir = ds_dir.parent / "runs" / "detector" / check_run_name(name)
     ds = load_dataset(ds_dir)
     result = train_detector(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)
     if result["cache_hit"]:

@@ -29,6 +29,7 @@ import torch
 from refground.atomic import atomic_file
 from refground.cache import fingerprint, is_current, write_manifest
 from refground.cache.manifest import Parent, parent_fingerprints
+from refground.errors import UsageError
 from refground.progress import track
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -37,6 +38,13 @@ CURVE_FILE = "curve.json"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 STEP_LOG_EVERY = 20
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a plain folder name for a run, else a one-line UsageError."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise UsageError(f"run name {name!r}: expected a plain folder name")
+    return name
 
 
 def read_json(path: Path) -> Any:
@@ -182,5 +190,5 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
                      items / train_seconds if train_seconds > 0 else float("nan"), curve)
 
 
-__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE", "RunSpec",
+__all__ = ["CHECKPOINT_FILE", "check_run_name", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE", "RunSpec",
            "epoch_rng", "fit", "load_weights", "read_json", "write_json"]

@@ -25,6 +25,40 @@ def synth_ds(synth_cache):
     return load_named("synth", synth_cache)
 
 
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models: torch's intra-op threads cost far more than the ops on a shared 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_json(capsys, *args) -> dict:
+    """Run the CLI with --json; assert exit 0 and return the JSON object it printed."""
+    import json
+
+    from refground.cli.main import main
+
+    rc = main([*args, "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    return json.loads(out.out)
+
+
+def fail(capsys, *args) -> str:
+    """Run the CLI; assert exit 2 with a one-line error and return it."""
+    from refground.cli.main import main
+
+    rc = main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
 TINY_CMRIN = {"embed_dim": 16, "hidden_dim": 16, "type_dim": 8, "edge_type_dim": 8, "attention_dim": 16,
               "graph_dim": 16, "spatial_dim": 8, "match_dim": 16, "epochs": 2, "batch_size": 16, "lr": 2e-3}
 

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CMRIN
-from refground.cli.main import main
-from refground.data.store import load_named
+from conftest import TINY_CMRIN, fail, run_json
 from refground.eval.predictions import read_predictions
 from refground.graph import spatial_relations
 from refground.models.candidates import encode_queries, load_candidates, make_batch
@@ -23,12 +21,7 @@ from refground.text.vocab import Vocabulary
 from refground.train import load_weights
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture
@@ -47,21 +40,6 @@ def trained(pipeline_cache, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(n)
     return root
-
-
-def run_json(capsys, *args) -> dict:
-    rc = main([*args, "--json"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return json.loads(out.out)
-
-
-def fail(capsys, *args) -> str:
-    rc = main(list(args))
-    err = capsys.readouterr().err.strip()
-    assert rc == 2, err
-    assert len(err.splitlines()) == 1, err
-    return err
 
 
 def features_file(root: Path) -> Path:
@@ -133,6 +111,57 @@ def test_make_batch_matches_a_loop(pipeline_cache, synth_ds):
         assert b.targets[n] == synth_ds.object_row(q.referent_object_id) - synth_ds.image_object_offsets[r]
         words = b.words[n][b.words[n] != 0].tolist()
         assert words == vocab.encode(q.tokens).tolist()
+
+
+def test_mirrored_relations_are_the_relations_of_mirrored_boxes():
+    from refground.models.candidates import HFLIP_RELATION, VFLIP_RELATION
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(40, 2, generator=g) * 200
+    wh = torch.rand(40, 2, generator=g) * 60 + 2
+    boxes = torch.cat([xy, xy + wh], 1)
+    size = (260, 300)
+    rel = spatial_relations(boxes, size).numpy()
+    h = boxes.clone()
+    h[:, [0, 2]] = size[1] - boxes[:, [2, 0]]
+    v = boxes.clone()
+    v[:, [1, 3]] = size[0] - boxes[:, [3, 1]]
+    # Random boxes never sit exactly on a sector boundary, where the tie rule is not mirror-symmetric.
+    np.testing.assert_array_equal(HFLIP_RELATION[rel], spatial_relations(h, size).numpy())
+    np.testing.assert_array_equal(VFLIP_RELATION[rel], spatial_relations(v, size).numpy())
+
+
+def test_make_batch_mirrors_selected_queries(pipeline_cache, synth_ds):
+    from refground.models.candidates import (HFLIP_RELATION, HFLIP_WORDS, VFLIP_RELATION, VFLIP_WORDS, Flips,
+                                             flip_word_map)
+
+    c = load_candidates(synth_ds, features_file(pipeline_cache), "gt")
+    vocab = Vocabulary.build([["left", "right", "above", "below", "beneath", "the"] * 6])
+    hw, vw = flip_word_map(vocab, HFLIP_WORDS), flip_word_map(vocab, VFLIP_WORDS)
+    ids = vocab.index
+    assert hw[ids["left"]] == ids["right"] and hw[ids["right"]] == ids["left"] and hw[ids["the"]] == ids["the"]
+    assert vw[ids["above"]] == ids["below"] and vw[ids["below"]] == ids["above"] and vw[ids["beneath"]] == ids["above"]
+    table = encode_queries(synth_ds, "train", vocab)
+    index = np.arange(4)
+    plain = make_batch(table, c, index)
+    fl = Flips(np.array([True, False, True, False]), np.array([False, True, True, False]), hw, vw)
+    m = make_batch(table, c, index, fl)
+    valid = plain.cand_mask.numpy()
+    for n in range(4):
+        k = valid[n].sum()
+        sp, msp = plain.spatial[n, :k].numpy(), m.spatial[n, :k].numpy()
+        np.testing.assert_allclose(msp[:, 0], 1 - sp[:, 0] if fl.horizontal[n] else sp[:, 0], atol=1e-6)
+        np.testing.assert_allclose(msp[:, 1], 1 - sp[:, 1] if fl.vertical[n] else sp[:, 1], atol=1e-6)
+        np.testing.assert_array_equal(msp[:, 2:], sp[:, 2:])
+        r = plain.relations[n].numpy()
+        if fl.horizontal[n]:
+            r = HFLIP_RELATION[r]
+        if fl.vertical[n]:
+            r = VFLIP_RELATION[r]
+        np.testing.assert_array_equal(m.relations[n].numpy(), r)
+        assert (m.spatial[n, k:] == 0).all()
+    assert torch.equal(m.features, plain.features) and torch.equal(m.targets, plain.targets)
+    assert torch.equal(m.words[3], plain.words[3])
 
 
 # ------------------------------------------------------------------------------------------------ train

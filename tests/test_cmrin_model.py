@@ -23,7 +23,7 @@ from refground.models.cmrin import (
 
 VOCAB = 10
 TINY = dict(vocab_size=VOCAB, visual_dim=6, embed_dim=8, hidden_dim=8, type_dim=8, edge_type_dim=8,
-            attention_dim=8, graph_dim=8, spatial_dim=4, match_dim=8)
+            attention_dim=8, graph_dim=8, spatial_dim=4, match_dim=8, dropout=0.0)  # deterministic forwards
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import TINY_CMRIN
 from refground.models.cmrin import CMRINConfig
@@ -13,12 +12,7 @@ from refground.quickstart import SPLITS, run_quickstart
 from test_detector import tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_quickstart_chain_report_and_second_run_hits(tmp_path):

@@ -27,7 +27,6 @@ minutes at 45-60 training images/s, 4 epochs gain ~1.5 points of category accura
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +49,7 @@ from refground.features.detector import (CHECKPOINT_FILE, CONFIG_FILE, BuiltinDe
                                          DetectorModel, file_sha256, load_checkpoint, normalize_images,
                                          save_config)
 from refground.progress import track
+from refground.train import read_json, write_json
 
 STEP = "train-detector"
 STEP_VERSION = 1
@@ -377,18 +377,6 @@ def _make_optimizer(model: DetectorModel, config: DetectorConfig) -> torch.optim
 # ----------------------------------------------------------------------------------------- run folder
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_file(path) as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-
-
 def _dataset_dir_of(ds: Dataset) -> Path | None:
     """The dataset folder of a dataset loaded from the store (its image root's parent), if it is one."""
     root = ds.meta.get("image_root")
@@ -453,8 +441,8 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
     params, parents, fp = run_plan(ds, config, seed, dataset_dir)
     result: dict[str, Any] = {"run": str(out_dir), "fingerprint": fp, "cache_hit": False}
     if not force and is_run_complete(out_dir, fp):
-        metrics = _read_json(out_dir / METRICS_FILE) or {}
-        manifest_extra = (_read_json(out_dir / "manifest.json") or {}).get("extra", {})
+        metrics = read_json(out_dir / METRICS_FILE) or {}
+        manifest_extra = (read_json(out_dir / "manifest.json") or {}).get("extra", {})
         result.update(cache_hit=True, epochs=config.epochs, resumed_from=config.epochs, metrics=metrics,
                       seconds=round(time.perf_counter() - t_start, 3),
                       **{k: manifest_extra.get(k) for k in ("train_seconds", "train_images_per_s", "load_seconds")})
@@ -484,7 +472,7 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
-        old = _read_json(out_dir / CURVE_FILE) or {}
+        old = read_json(out_dir / CURVE_FILE) or {}
         curve = [r for r in old.get("steps", []) if r.get("step", 0) <= step]
         epoch_curve = [r for r in old.get("epochs", []) if r.get("epoch", 0) <= start_epoch]
     result["resumed_from"] = start_epoch
@@ -500,7 +488,7 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
     def on_epoch(epoch: int, step_now: int, means: dict[str, float]) -> None:
         epoch_curve.append({"epoch": epoch + 1, "step": step_now, **{k: round(v, 5) for k, v in means.items()}})
         _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, step_now, seed, fp)
-        _write_json(out_dir / CURVE_FILE, {"steps": curve, "epochs": epoch_curve})
+        write_json(out_dir / CURVE_FILE, {"steps": curve, "epochs": epoch_curve})
 
     t_train = time.perf_counter()
     if data is not None:
@@ -514,7 +502,7 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
     if evaluate:
         detector = BuiltinDetector(model.eval(), file_sha256(ckpt_path))
         metrics = evaluate_detector(ds, detector, "val")
-    _write_json(out_dir / METRICS_FILE, metrics)
+    write_json(out_dir / METRICS_FILE, metrics)
     extra = {"train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
              "train_images_per_s": round(trained_images / max(train_seconds, 1e-9), 2),
              "epochs_trained_now": config.epochs - start_epoch, "steps": step, "threads": torch.get_num_threads()}

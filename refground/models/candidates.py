@@ -24,6 +24,16 @@ from refground.text.vocab import Vocabulary
 
 SOURCES = ("gt", "proposals")
 
+# Relation label of a pair after mirroring the image left-right / top-bottom (labels 4-11 are the direction
+# sectors right, top right, top, top left, left, bottom left, bottom, bottom right; 0-3 do not change).
+HFLIP_RELATION = np.array([0, 1, 2, 3, 8, 7, 6, 5, 4, 11, 10, 9], dtype=np.int64)
+VFLIP_RELATION = np.array([0, 1, 2, 3, 4, 11, 10, 9, 8, 7, 6, 5], dtype=np.int64)
+# Words that name a direction, and what they become in the mirrored image (the synthetic world's words;
+# a word missing from the vocabulary is ignored).
+HFLIP_WORDS = (("left", "right"), ("leftmost", "rightmost"))
+VFLIP_WORDS = (("top", "bottom"), ("topmost", "bottommost"), ("above", "below"), ("over", "under"),
+               ("upper", "lower"), ("beneath", "above"), ("lowest", "topmost"))
+
 
 @dataclass
 class CandidateSet:
@@ -193,6 +203,35 @@ def encode_query_rows(ds: Dataset, rows: np.ndarray, vocab: Vocabulary, max_word
                       [ds.query_kinds[k] for k in rows.tolist()])
 
 
+def flip_word_map(vocab: Vocabulary, pairs: tuple[tuple[str, str], ...]) -> np.ndarray:
+    """int64[V]: the id each word id becomes in the mirrored image (pairs swap both ways; a word already
+    mapped by an earlier pair keeps that mapping)."""
+    table = np.arange(len(vocab), dtype=np.int64)
+    done: set[int] = set()
+    for a, b in pairs:
+        ia, ib = vocab.index.get(a), vocab.index.get(b)
+        if ia is None or ib is None:
+            continue
+        for x, y in ((ia, ib), (ib, ia)):
+            if x not in done:
+                table[x] = y
+                done.add(x)
+    return table
+
+
+@dataclass
+class Flips:
+    """Per-query mirroring for training augmentation: ``horizontal`` / ``vertical`` bool[B] and the word maps
+    of :func:`flip_word_map`. A mirrored query sees x (or y) of every candidate's centre reflected, the
+    relation labels of :data:`HFLIP_RELATION` / :data:`VFLIP_RELATION` and its direction words swapped;
+    the region features stay as they are (the scene is mirrored, not the objects)."""
+
+    horizontal: np.ndarray
+    vertical: np.ndarray
+    h_words: np.ndarray
+    v_words: np.ndarray
+
+
 @dataclass
 class Batch:
     """Padded model inputs of B queries: words LongTensor[B, T]; features Tensor[B, K, D]; spatial
@@ -212,12 +251,13 @@ class Batch:
                 "relations": self.relations, "cand_mask": self.cand_mask}
 
 
-def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray) -> Batch:
-    """Pad the queries ``index`` (rows of ``queries``) with their images' candidates (vectorised gathers)."""
+def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray, flips: Flips | None = None) -> Batch:
+    """Pad the queries ``index`` (rows of ``queries``) with their images' candidates (vectorised gathers),
+    mirroring the queries that ``flips`` selects."""
     index = np.asarray(index, dtype=np.int64)
     img = queries.image_rows[index]
     counts = cands.offsets[img + 1] - cands.offsets[img]
-    b, k = len(index), max(1, int(counts.max()) if len(counts) else 1)
+    k = max(1, int(counts.max()) if len(counts) else 1)
     slot = np.arange(k)
     valid = slot[None, :] < counts[:, None]                                         # [B, K]
     rows = np.where(valid, cands.offsets[img][:, None] + slot[None, :], 0)
@@ -228,6 +268,15 @@ def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray) -> B
                         + slot[None, None, :], 0)
     rel = np.where(pair_valid, cands.relations[rel_rows], 0)
     words = queries.words[index]
+    if flips is not None:
+        h, v = flips.horizontal[:, None], flips.vertical[:, None]
+        spatial = spatial.copy()
+        spatial[..., 0] = np.where(h & valid, 1.0 - spatial[..., 0], spatial[..., 0])
+        spatial[..., 1] = np.where(v & valid, 1.0 - spatial[..., 1], spatial[..., 1])
+        rel = np.where(h[..., None], HFLIP_RELATION[rel], rel)
+        rel = np.where(v[..., None], VFLIP_RELATION[rel], rel)
+        words = np.where(h, flips.h_words[words], words)
+        words = np.where(v, flips.v_words[words], words)
     t = max(1, int((words != 0).sum(1).max()))
     return Batch(torch.from_numpy(words[:, :t].copy()), torch.from_numpy(feats.astype(np.float32)),
                  torch.from_numpy(spatial.astype(np.float32)), torch.from_numpy(rel.astype(np.int64)),
@@ -244,5 +293,5 @@ def feature_stats(cands: CandidateSet, image_rows: np.ndarray) -> tuple[Tensor, 
     return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
 
 
-__all__ = ["Batch", "CandidateSet", "QueryTable", "SOURCES", "encode_queries", "encode_query_rows", "feature_stats", "load_candidates",
+__all__ = ["Batch", "CandidateSet", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "flip_word_map", "QueryTable", "SOURCES", "encode_queries", "encode_query_rows", "feature_stats", "load_candidates",
            "make_batch"]

@@ -43,10 +43,19 @@ Choices where the paper is silent (each one a config field):
   (stored with the weights), since the paper's Faster R-CNN pool5 features and our detector's fc7
   features live on different scales; ``visual_location`` appends p_i to x^s (off by default, as in the
   paper, where location enters only through W_p p_i).
-* ``dropout`` (0 by default; the paper does not mention any) on the standardised region features and on x_i
+* Defaults measured on val of the default world (5 epochs, seed 0): the paper's recipe alone plateaus at
+  86.2% val Precision@1 with train accuracy 6-7 points higher; mirroring and dropout 0.2 narrow that gap.
+* ``flip_augment`` (on by default) mirrors each training query left-right and/or top-bottom with probability 1/2 each: the
+  candidates' centres, the relation labels and the direction words ("left" <-> "right", "above" <-> "below",
+  ...) are mirrored, the region features kept (:class:`refground.models.candidates.Flips`). The paper
+  trains without it; it is a data augmentation for relational reasoning on a small training set.
+* ``dropout`` (0.2 by default; the paper does not mention any) on the standardised region features and on x_i
   before W_s0, for the generalisation gap measured on the small synthetic training set.
-* Dimensions: embeddings 512 as in the paper; D_h = 512 (256 per direction); D_l0 = D_e0 = 256;
-  D_n = D_e = D_s = 512; D_p = 64.
+* Dimensions are smaller than the paper's 512-d embeddings, sized for a CPU and a 63-word vocabulary:
+  embeddings 128, D_h = 256 (128 per direction), D_l0 = D_e0 = 256, D_n = 128, D_e = D_s = 256, D_p = 64.
+  At the paper's sizes (``embed_dim=512, hidden_dim=512, attention_dim=512, graph_dim=512,
+  match_dim=512``) a training step costs 3.5x more on two cores (0.35 s against 0.10 s for 64 queries);
+  every size is a config field.
 """
 
 from __future__ import annotations
@@ -73,26 +82,29 @@ class CMRINConfig:
 
     vocab_size: int = 2
     visual_dim: int = 256
-    embed_dim: int = 512
-    hidden_dim: int = 512
+    embed_dim: int = 128
+    hidden_dim: int = 256
     type_dim: int = 256
     edge_type_dim: int = 256
-    attention_dim: int = 512
-    graph_dim: int = 512
+    attention_dim: int = 128
+    graph_dim: int = 256
     spatial_dim: int = 64
-    match_dim: int = 512
+    match_dim: int = 256
     language: str = "weighted"
     context: str = "guided"
     layers: int = 2
     fusion: bool = True
     visual_location: bool = False
     margin: float = 0.1
-    dropout: float = 0.0
-    # training (Sec. 4.2: Adam, learning rate 5e-4, batch 64)
-    epochs: int = 12
+    dropout: float = 0.2
+    # training
+    flip_augment: bool = True
+    # optimisation (Sec. 4.2: Adam, learning rate 5e-4, batch 64); the learning rate drops 10x after
+    # lr_decay_epochs epochs (0: never)
+    epochs: int = 10
     batch_size: int = 64
     lr: float = 5e-4
-    lr_decay_epochs: int = 0
+    lr_decay_epochs: int = 7
     min_word_count: int = 6
 
     def __post_init__(self) -> None:

@@ -25,11 +25,12 @@ from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, DataError, UsageError
 from refground.features.pipeline import features_path
 from refground.graph_artifact import graph_path
-from refground.models.candidates import CandidateSet, QueryTable, encode_queries, encode_query_rows, feature_stats, load_candidates, make_batch
+from refground.models.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, Flips, QueryTable, encode_queries,
+                                         encode_query_rows, feature_stats, flip_word_map, load_candidates, make_batch)
 from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
-from refground.train import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunSpec, fit, load_weights, read_json,
+from refground.train import (CONFIG_FILE, check_run_name, METRICS_FILE, MODEL_FILE, RunSpec, fit, load_weights, read_json,
                              write_json)
 
 STEP = "train.cmrin@1"
@@ -40,9 +41,7 @@ EVAL_BATCH = 256
 
 def run_dir(dataset: str, cache: Any, name: str) -> Path:
     """``<cache>/<dataset>/runs/cmrin/<name>``."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise UsageError(f"run name {name!r}: expected a plain folder name")
-    return dataset_dir(dataset, cache).parent / "runs" / "cmrin" / name
+    return dataset_dir(dataset, cache).parent / "runs" / "cmrin" / check_run_name(name)
 
 
 def _inputs(dataset: str, cache: Any, features: str) -> tuple[Path, Path, Path]:
@@ -173,8 +172,14 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
         perm = usable[rng.permutation(len(usable))]
         return [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
 
+    h_words, v_words = flip_word_map(vocab, HFLIP_WORDS), flip_word_map(vocab, VFLIP_WORDS)
+
     def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        b = make_batch(train_q, cands, rows)
+        flips = None
+        if config.flip_augment:
+            coins = (torch.rand(len(rows), 2, generator=gen) < 0.5).numpy()
+            flips = Flips(coins[:, 0], coins[:, 1], h_words, v_words)
+        b = make_batch(train_q, cands, rows, flips)
         return triplet_loss(model(**b.inputs())["scores"], b.targets, config.margin, gen), len(rows)
 
     def evaluate() -> dict[str, Any]:
