@@ -26,12 +26,15 @@ def train_cmrin_command(
                                          "fusion-3 or cmrin (2 gated graph convolutions with fusion).")] = "cmrin",
     layers: Annotated[Optional[int], typer.Option("--layers", help="Gated graph convolutions (overrides the "
                                                   "variant's).", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 12).",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 10).",
                                                   show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Queries per step (default 64, as in "
                                                       "the paper).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Adam learning rate (default 5e-4, as in the paper).",
                                                 show_default=False)] = None,
+    lr_decay_epochs: Annotated[Optional[int], typer.Option("--lr-decay-epochs", help="Divide the learning rate by "
+                                                           "10 after this many epochs (default 7; 0: never).",
+                                                           show_default=False)] = None,
     features: FeaturesOpt = "detector-default",
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file of CMRIN config fields (e.g. "
                                                         "a run's config.json); the options above override it.",
@@ -49,11 +52,13 @@ def train_cmrin_command(
     from refground.models.cmrin import CMRINConfig, variant_config
     from refground.models.cmrin_run import train_cmrin
 
-    overrides = {k: v for k, v in {"layers": layers, "epochs": epochs, "batch_size": batch_size, "lr": lr}.items()
-                 if v is not None}
+    overrides = {k: v for k, v in {"layers": layers, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                                   "lr_decay_epochs": lr_decay_epochs}.items() if v is not None}
     for key in ("epochs", "batch_size"):
         if key in overrides and overrides[key] < 1:
             raise UsageError(f"--{key.replace('_', '-')} {overrides[key]}: must be at least 1")
+    if overrides.get("lr_decay_epochs", 0) < 0:
+        raise UsageError(f"--lr-decay-epochs {lr_decay_epochs}: must be at least 0")
     if "lr" in overrides and not overrides["lr"] > 0:
         raise UsageError(f"--lr {lr}: must be positive")
     if config_file is not None:

@@ -5,12 +5,12 @@
 # proposals. Every step is a cache hit when run again. Usage: bash examples/quickstart.sh [CACHE_DIR] [EPOCHS]
 set -euo pipefail
 CACHE=${1:-cache}
-EPOCHS=${2:-3}
+EPOCHS=${2:-2}
 refground data synth --cache "$CACHE"
 refground train detector --cache "$CACHE"
 refground extract --no-dense --cache "$CACHE"
 refground graph --cache "$CACHE"
-refground train cmrin --epochs "$EPOCHS" --cache "$CACHE"
+refground train cmrin --epochs "$EPOCHS" --lr-decay-epochs $((EPOCHS - 1)) --cache "$CACHE"
 for split in val testA testB; do
   refground eval --method cmrin --split "$split" --cache "$CACHE"
   refground eval --method cmrin --split "$split" --candidates proposals --top-n 10 --cache "$CACHE"

@@ -223,6 +223,8 @@ def test_train_option_errors(cache, capsys):
     assert "variant" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--variant", "nope")
     assert "--epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--epochs", "0")
     assert "layers" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--variant", "instance", "--layers", "2")
+    assert "--lr-decay-epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--lr-decay-epochs", "-1")
+    assert "run name" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--name", "../x")
 
 
 # ------------------------------------------------------------------------------------------------- eval

@@ -544,7 +544,7 @@ def test_feature_standardisation():
 
 
 def test_global_context_opens_every_gate():
-    """Row 2 (global viscxt) equals running the convolutions by hand with p^v = mask and p^e = 1."""
+    """Row 2 (global viscxt) equals running the convolutions by hand with p^v = mask / K and p^e = 1."""
     gen = torch.Generator().manual_seed(10)
     model = tiny_model("global-2").double()
     inputs = make_inputs(gen, [4, 2], [3, 2], 4, 3, dtype=torch.float64)
@@ -554,7 +554,8 @@ def test_global_context_opens_every_gate():
         _, last = model.language(inputs["words"])
         x = (inputs["features"] - model.feature_mean) / model.feature_std * mask[..., None]
         for conv in model.ggcn:
-            x = ggcn_reference(conv, x, inputs["relations"], mask.double(), torch.ones(2, NUM_EDGE_TYPES))
+            p_v = mask.double() / mask.sum(1, keepdim=True).double()
+            x = ggcn_reference(conv, x, inputs["relations"], p_v, torch.ones(2, NUM_EDGE_TYPES))
         v = torch.nn.functional.normalize(model.w_s0(torch.cat([model.w_p(inputs["spatial"]), x], -1)), dim=-1)
         q = torch.nn.functional.normalize(model.w_s1(last), dim=-1)
         want = (v * q[:, None]).sum(-1).masked_fill(~mask, float("-inf"))
