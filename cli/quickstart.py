@@ -41,8 +41,10 @@ def quickstart(
     drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),
              result["precision"][s].get("all", 0) - result["proposals"][s].get("all", 0)) for s in result["precision"]]
     tables = [table("CMRIN Precision@1, ground-truth objects as candidates", ["split", *kinds], rows),
-              table(f"with the detector's top {result['top_n']} proposals", ["split", "gt", "proposals", "drop"], drop),
-              table("steps", ["step", "seconds", "status"], [(s["step"], s["seconds"], s["status"]) for s in result["steps"]])]
+              table(f"with the detector's top {result['top_n']} proposals", ["split", "gt", "proposals", "drop"],
+                    drop),
+              table("steps", ["step", "seconds", "status"],
+                    [(s["step"], s["seconds"], s["status"]) for s in result["steps"]])]
     emit(result, as_json, tables)
     if not as_json:
         info(f"report: {result['report']} ({result['seconds']} s in all)")

@@ -37,7 +37,8 @@ def train_cmrin_command(
                                                            show_default=False)] = None,
     features: FeaturesOpt = "detector-default",
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file of CMRIN config fields (e.g. "
-                                                        "a run's config.json); the options above override it.",
+                                                        "a run's config.json) instead of --variant; the options above "
+                                                        "override it.",
                                                         show_default=False)] = None,
     seed: SeedOpt = 0,
     resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run with the same "

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from refground.cache import RaggedH5
-from refground.cli.main import main
 from refground.features.detector import CHECKPOINT_FILE, BuiltinDetector
 from refground.features.detector_train import train_detector
 from refground.graph import spatial_relations
 from refground.graph_artifact import read_graph
+from conftest import fail, run_json
 from test_detector import tiny_config
 
 
@@ -37,20 +37,6 @@ def template(synth_cache, synth_ds, tmp_path_factory) -> Path:
 def clone(template: Path, dest: Path) -> Path:
     shutil.copytree(template, dest)
     return dest
-
-
-def run_json(capsys, *args) -> dict:
-    rc = main([*args, "--json"])
-    out = capsys.readouterr()
-    assert rc == 0, out.err
-    return json.loads(out.out)
-
-
-def fail(capsys, *args) -> str:
-    rc = main(list(args))
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    return err
 
 
 def h5_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -7,20 +7,13 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from hf_tiny import make_tiny_backbone, make_tiny_clip, make_tiny_detr, make_tiny_yolos
 from refground.cache import RaggedH5, read_manifest_of
 from refground.cli.main import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: torch's intra-op threads cost far more than the ops on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.fixture(scope="module")

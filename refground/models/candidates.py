@@ -83,7 +83,8 @@ def _top_rows(offsets: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows, new_off
 
 
-def _sub_relations(flat: np.ndarray, offsets: np.ndarray, counts: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sub_relations(flat: np.ndarray, offsets: np.ndarray, counts: np.ndarray, keep: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """The top-left ``keep_r x keep_r`` block of every image's ``K_r x K_r`` matrix (the relation of two
     boxes depends only on the pair, so the first N proposals' graph is a block of the full graph)."""
     parts, lens = [], []
@@ -117,19 +118,22 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
     sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)
     with RaggedH5(features_file) as f, RaggedH5(graph_file) as g:
         if not np.array_equal(f.table("images", "ids"), ds.image_ids):
-            raise ArtifactError(f"{features_file}: its images differ from the dataset's; run `refground extract --force`")
+            raise ArtifactError(f"{features_file}: its images differ from the dataset's; "
+                                "run `refground extract --force`")
         if not np.array_equal(g.table("images", "ids"), ds.image_ids):
             raise ArtifactError(f"{graph_file}: its images differ from the dataset's; run `refground graph --force`")
         if source == "gt":
             if not np.array_equal(f.table("objects", "ids"), ds.object_ids):
-                raise ArtifactError(f"{features_file}: its objects differ from the dataset's; run `refground extract --force`")
+                raise ArtifactError(f"{features_file}: its objects differ from the dataset's; "
+                                    "run `refground extract --force`")
             offsets = ds.image_object_offsets.astype(np.int64)
             features = f.table("objects", "features").astype(np.float32)
             boxes = ds.object_boxes.astype(np.float32)
             object_ids = ds.object_ids.astype(np.int64)
             relations, rel_offsets = g.table("objects", "labels"), g.offsets["objects"]
             if not np.array_equal(np.diff(rel_offsets), np.diff(offsets) ** 2):
-                raise ArtifactError(f"{graph_file}: its object graphs do not match the dataset; run `refground graph --force`")
+                raise ArtifactError(f"{graph_file}: its object graphs do not match the dataset; "
+                                    "run `refground graph --force`")
         else:
             if not g.has("proposals"):
                 raise ArtifactError(f"{graph_file}: no proposal graphs; run `refground graph`")
@@ -293,5 +297,5 @@ def feature_stats(cands: CandidateSet, image_rows: np.ndarray) -> tuple[Tensor, 
     return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
 
 
-__all__ = ["Batch", "CandidateSet", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "flip_word_map", "QueryTable", "SOURCES", "encode_queries", "encode_query_rows", "feature_stats", "load_candidates",
-           "make_batch"]
+__all__ = ["Batch", "CandidateSet", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "QueryTable", "SOURCES",
+           "encode_queries", "encode_query_rows", "feature_stats", "flip_word_map", "load_candidates", "make_batch"]

@@ -48,9 +48,9 @@ Choices where the paper is silent (each one a config field):
   paper, where location enters only through W_p p_i).
 * Defaults measured on val of the default world (5 epochs, seed 0): the paper's recipe alone plateaus at
   86.2% val Precision@1 with train accuracy 6-7 points higher; mirroring and dropout 0.2 narrow that gap.
-* ``flip_augment`` (on by default) mirrors each training query left-right and/or top-bottom with probability 1/2 each: the
-  candidates' centres, the relation labels and the direction words ("left" <-> "right", "above" <-> "below",
-  ...) are mirrored, the region features kept (:class:`refground.models.candidates.Flips`). The paper
+* ``flip_augment`` (on by default) mirrors each training query left-right and/or top-bottom with
+  probability 1/2 each: the candidates' centres, the relation labels and the direction words ("left" <->
+  "right", "above" <-> "below", ...) are mirrored, the region features kept (:class:`refground.models.candidates.Flips`). The paper
   trains without it; it is a data augmentation for relational reasoning on a small training set.
 * ``word_type_bias`` (None: PyTorch's default initialisation) sets the initial bias of eq. 1's last layer
   (entity, relation, location, unnecessary).

@@ -30,8 +30,8 @@ from refground.models.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet,
 from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
-from refground.train import (CONFIG_FILE, check_run_name, METRICS_FILE, MODEL_FILE, RunSpec, fit, load_weights, read_json,
-                             write_json)
+from refground.train import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunSpec, check_run_name, fit, load_weights,
+                             read_json, write_json)
 
 STEP = "train.cmrin@1"
 PREDICT_STEP = "predict.cmrin@1"
@@ -55,7 +55,8 @@ def _inputs(dataset: str, cache: Any, features: str) -> tuple[Path, Path, Path]:
 
 @torch.no_grad()
 def score_queries(model: CMRIN, queries: QueryTable, cands: CandidateSet, index: np.ndarray | None = None,
-                  batch_size: int = EVAL_BATCH, extras: bool = False, description: str = "") -> list[dict[str, np.ndarray]]:
+                  batch_size: int = EVAL_BATCH, extras: bool = False, description: str = ""
+                  ) -> list[dict[str, np.ndarray]]:
     """Scores of every candidate of each query (rows ``index`` of ``queries``, default all), in order.
 
     Each item: ``{"scores": float32[K]}`` and with ``extras`` the CMRE outputs where the variant has them:
@@ -114,7 +115,8 @@ def load_run(path: Path) -> LoadedRun:
     m = require(path, f"refground train cmrin --name {path.name}")
     cfg_d = read_json(path / CONFIG_FILE)
     if not isinstance(cfg_d, dict) or not (path / MODEL_FILE).is_file():
-        raise ArtifactError(f"{path}: run without config or weights; run `refground train cmrin --name {path.name} --force`")
+        raise ArtifactError(f"{path}: run without config or weights; "
+                            f"run `refground train cmrin --name {path.name} --force`")
     config = CMRINConfig.from_dict(cfg_d)
     model = CMRIN(config)
     model.load_state_dict(load_weights(path / MODEL_FILE))
@@ -184,7 +186,8 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
 
     def evaluate() -> dict[str, Any]:
         hits = _gt_hits(model, val_q, cands)[val_ok]
-        return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, [val_q.kinds[i] for i in np.flatnonzero(val_ok)]).items()}
+        kinds = [val_q.kinds[i] for i in np.flatnonzero(val_ok)]
+        return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, kinds).items()}
 
     def lr_at(epoch: int) -> float:
         if config.lr_decay_epochs and epoch >= config.lr_decay_epochs:
