@@ -10,9 +10,8 @@ import typer
 from refground.cli.apps import data_app
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt
-from refground.data.store import dataset_dir, is_complete_with, load_dataset
-from refground.data.synth import DEFAULT_FRACTIONS, params_dict, summary, write_synthetic
-from refground.data.synth.generate import check_params
+from refground.data.store import dataset_dir
+from refground.data.synth import DEFAULT_FRACTIONS, ensure_synthetic, summary
 
 
 @data_app.command("synth")
@@ -31,18 +30,12 @@ def synth(
     """Generate the synthetic world: textured images of occluding coloured shapes with exact instance masks,
     referring expressions (category, attribute, location, size, first- and second-order relations), captions
     with linked phrases, and train/val/testA/testB splits. Deterministic for a seed."""
-    check_params(dataset, images, seed, image_size, workers, DEFAULT_FRACTIONS)
     directory = dataset_dir(dataset, cache)
-    params = params_dict(dataset, images, seed, image_size, DEFAULT_FRACTIONS)
     t0 = time.perf_counter()
-    skipped = False
-    if not force and is_complete_with(directory, params):
+    ds, written = ensure_synthetic(directory, dataset, images, seed, image_size, workers, DEFAULT_FRACTIONS, force)
+    skipped = not written
+    if skipped:
         info(f"{directory}: complete with the same parameters; skipping (use --force to regenerate)")
-        ds = load_dataset(directory)
-        skipped = True
-    if not skipped:
-        ds = write_synthetic(directory, name=dataset, num_images=images, seed=seed, image_size=image_size,
-                             workers=workers)
     seconds = time.perf_counter() - t0
     s = summary(ds)
     result = {"dataset": dataset, "path": str(directory), "skipped": skipped, "seconds": round(seconds, 3), **s}

@@ -14,6 +14,8 @@ CacheOpt = Annotated[
 DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name: the folder under the cache root.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same inputs and seed give the same artifacts.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the figures as one JSON object on stdout (no table).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run with the same "
+                                          "config and seed after its last finished epoch.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the step even if its artifact is complete.")]
 SplitOpt = Annotated[
     str,

@@ -9,7 +9,7 @@ import typer
 
 from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, SeedOpt, read_config_file
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
 from refground.errors import UsageError
 
 
@@ -32,8 +32,7 @@ def train_detector_command(
                                                         "(e.g. a run's config.json); the options above override "
                                                         "it.", show_default=False)] = None,
     seed: SeedOpt = 0,
-    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted run with the same "
-                                         "config and seed after its last finished epoch.")] = True,
+    resume: ResumeOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:

@@ -7,7 +7,6 @@ written and reused like ``refground eval --method cmrin``) and renders the markd
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from refground.data.store import dataset_dir, load_dataset
@@ -21,10 +20,9 @@ def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, .
                    splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
     """``{"rows": [{"run", "label", "<split>": P@1, "<split>/<kind>": P@1, "relations/<split>": P@1}],
     "markdown": str}`` for the runs (default: every Table 2 variant that has a complete run)."""
-    from refground.eval.evaluate import evaluate
-    from refground.eval.predictions import read_predictions
+    from refground.eval.evaluate import comprehension_of
     from refground.models.cmrin import VARIANTS
-    from refground.models.cmrin_run import predict_cmrin, run_dir
+    from refground.models.cmrin_run import predict_cmrin_many, run_dir
 
     names = list(runs) if runs else [v for v in VARIANTS if (run_dir(dataset, cache, v) / "model.pt").is_file()]
     if not names:
@@ -34,9 +32,8 @@ def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, .
     rows = []
     for name in names:
         row: dict[str, Any] = {"run": name, "label": VARIANTS.get(name, (name, {}))[0]}
-        for split in splits:
-            path = Path(predict_cmrin(dataset, cache, name, split, "gt")["path"])
-            comp = evaluate(ds, read_predictions(path), split).sections["comprehension"]
+        for split, res in zip(splits, predict_cmrin_many(dataset, cache, name, [(s, "gt", 0) for s in splits])):
+            comp = comprehension_of(ds, res["path"], split)
             row[split] = comp["all"]["precision@1"]
             for kind in KINDS:
                 if kind in comp:

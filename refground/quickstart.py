@@ -16,19 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from refground.data.model import KIND_ORDER
-from refground.data.store import dataset_dir, is_complete_with, load_dataset
+from refground.data.store import dataset_dir
 
 SPLITS = ("val", "testA", "testB")
 QUICK_EPOCHS = 2  # the quickstart schedule: what fits the 10-minute budget (README)
 Step = Callable[[str], None]
-
-
-def _comprehension(ds: Any, path: Path, split: str) -> dict[str, Any]:
-    from refground.eval.evaluate import evaluate
-    from refground.eval.predictions import read_predictions
-
-    res = evaluate(ds, read_predictions(path), split)
-    return {kind: figs["precision@1"] for kind, figs in res.sections["comprehension"].items()}
 
 
 def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmrin_epochs: int | None = None,
@@ -42,13 +34,14 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     Returns ``{"steps": [{"step", "seconds", "status"}], "precision": {split: {kind: P@1}},
     "proposals": {split: {kind: P@1}}, "report": path, "figures": [paths], "seconds": total}``.
     """
-    from refground.data.synth import DEFAULT_FRACTIONS, params_dict, write_synthetic
+    from refground.data.synth import ensure_synthetic
     from refground.features.detector import DetectorConfig
     from refground.features.detector_train import train_detector
     from refground.features.pipeline import extract_dataset
     from refground.graph_artifact import build_graphs
     from refground.models.cmrin import variant_config
-    from refground.models.cmrin_run import predict_cmrin, train_cmrin
+    from refground.eval.evaluate import comprehension_of
+    from refground.models.cmrin_run import predict_cmrin_many, train_cmrin
 
     say = on_step or (lambda _msg: None)
     t_all = time.perf_counter()
@@ -62,16 +55,8 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
         return value
 
     ds_dir = dataset_dir(dataset, cache)
-    params = params_dict(dataset, images, seed, image_size, DEFAULT_FRACTIONS)
-
-    def synth() -> bool:
-        if is_complete_with(ds_dir, params):
-            return False
-        write_synthetic(ds_dir, name=dataset, num_images=images, seed=seed, image_size=image_size)
-        return True
-
-    step("refground data synth", synth, lambda made: "written" if made else "hit")
-    ds = load_dataset(ds_dir)
+    ds, _ = step("refground data synth", lambda: ensure_synthetic(ds_dir, dataset, images, seed, image_size),
+                 lambda r: "written" if r[1] else "hit")
     det = step("refground train detector",
                lambda: train_detector(ds, ds_dir.parent / "runs" / "detector" / "default", detector_config or DetectorConfig(),
                                       seed=seed, dataset_dir=ds_dir),
@@ -86,16 +71,13 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
               lambda r: "hit" if r["cache_hit"] else "trained")
     precision: dict[str, dict[str, float]] = {}
     proposals: dict[str, dict[str, float]] = {}
-    latency: dict[str, float] = {}
 
     def evaluate_all() -> None:
-        for split in SPLITS:
-            gt = predict_cmrin(dataset, cache, "cmrin", split, "gt")
-            precision[split] = _comprehension(ds, Path(gt["path"]), split)
-            if "ms_per_query" in gt:
-                latency[split] = gt["ms_per_query"]
-            pr = predict_cmrin(dataset, cache, "cmrin", split, "proposals", top_n)
-            proposals[split] = _comprehension(ds, Path(pr["path"]), split)
+        jobs = [(split, source, top_n) for source in ("gt", "proposals") for split in SPLITS]
+        for res in predict_cmrin_many(dataset, cache, "cmrin", jobs):
+            figs = comprehension_of(ds, res["path"], res["split"])
+            table = precision if res["candidates"] == "gt" else proposals
+            table[res["split"]] = {kind: f["precision@1"] for kind, f in figs.items()}
 
     step(f"refground eval --method cmrin (gt and top-{top_n} proposals)", evaluate_all, lambda _r: "done")
     report_dir = ds_dir.parent / "report"

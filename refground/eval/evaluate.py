@@ -351,3 +351,8 @@ def evaluate(
 
 
 __all__ = ["EvalResult", "TableData", "evaluate", "SECTIONS"]
+
+
+def comprehension_of(ds: Dataset, path: str | os.PathLike, split: str) -> dict[str, Figures]:
+    """The comprehension section (``{kind: figures}``, ``"all"`` first) of a predictions file on ``split``."""
+    return evaluate(ds, read_predictions(path), split).sections["comprehension"]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refground.cache import RaggedH5
+from refground.cache import RaggedH5, require
 from refground.data.model import Dataset
 from refground.errors import ArtifactError, DataError, UsageError
 from refground.graph_artifact import graph_path
@@ -112,8 +112,6 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
     if graph_file is None:
         graph_file = graph_path(ds.name, Path(features_file).parents[2], Path(features_file).stem)
     for path, step in ((features_file, "refground extract"), (graph_file, "refground graph")):
-        from refground.cache import require
-
         require(path, step, check_parents=True)
     sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)
     with RaggedH5(features_file) as f, RaggedH5(graph_file) as g:

@@ -109,14 +109,22 @@ class LoadedRun:
     fingerprint: str
 
 
+def _complete_run(path: Path) -> Any:
+    """The manifest of a complete run folder with its config and weights, else a one-line ArtifactError."""
+    m = require(path, f"refground train cmrin --name {path.name}")
+    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        raise ArtifactError(f"{path}: run without config or weights; "
+                            f"run `refground train cmrin --name {path.name} --force`")
+    return m
+
+
 def load_run(path: Path) -> LoadedRun:
     """Load a complete CMRIN run folder (refuses an interrupted or missing one with a one-line error)."""
     path = Path(path)
-    m = require(path, f"refground train cmrin --name {path.name}")
+    m = _complete_run(path)
     cfg_d = read_json(path / CONFIG_FILE)
-    if not isinstance(cfg_d, dict) or not (path / MODEL_FILE).is_file():
-        raise ArtifactError(f"{path}: run without config or weights; "
-                            f"run `refground train cmrin --name {path.name} --force`")
+    if not isinstance(cfg_d, dict):
+        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train cmrin --name {path.name} --force`")
     config = CMRINConfig.from_dict(cfg_d)
     model = CMRIN(config)
     model.load_state_dict(load_weights(path / MODEL_FILE))
@@ -218,44 +226,61 @@ def predict_cmrin(dataset: str, cache: Any, name: str, split: str, source: str =
                   force: bool = False) -> dict[str, Any]:
     """Write (or find current) the predictions of run ``name`` on ``split``: for every expression query its
     ranked candidates (``boxes``, ``scores``; ``box`` the top one). Returns ``{"path", "status", ...}``."""
+    return predict_cmrin_many(dataset, cache, name, [(split, source, top_n)], force)[0]
+
+
+def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str, str, int]], force: bool = False
+                       ) -> list[dict[str, Any]]:
+    """:func:`predict_cmrin` for several ``(split, source, top_n)`` at once: the run, the dataset and each
+    candidate set are loaded once, and only when some predictions file is missing or stale."""
+    from refground.cache.manifest import parent_fingerprints
     from refground.eval.predictions import write_predictions
 
     out = run_dir(dataset, cache, name)
-    run = load_run(out)
-    features = run.params.get("features", "detector-default")
-    ds_dir, f_path, g_path = _inputs(dataset, cache, features)
-    path = predictions_path(out, split, source, top_n)
-    params = {"split": split, "source": source, "top_n": int(top_n) if source == "proposals" else 0}
+    m = _complete_run(out)
+    ds_dir, f_path, g_path = _inputs(dataset, cache, m.params.get("features", "detector-default"))
     parents = {"run": parent("file", out / MODEL_FILE), "features": parent("artifact", f_path),
                "graph": parent("artifact", g_path), "dataset": parent("dataset", ds_dir)}
-    from refground.cache.manifest import parent_fingerprints
-
-    fp = make_fingerprint(PREDICT_STEP, params, parent_fingerprints(parents))
-    result = {"path": str(path), "split": split, "candidates": path.name.split(".")[1]}
-    if not force and is_current(path, fp):
-        result["status"] = "hit"
-        return result
+    parent_fps = parent_fingerprints(parents)
+    results: list[dict[str, Any]] = []
+    todo = []
+    for split, source, top_n in jobs:
+        path = predictions_path(out, split, source, top_n)
+        params = {"split": split, "source": source, "top_n": int(top_n) if source == "proposals" else 0}
+        fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
+        results.append({"path": str(path), "split": split, "candidates": path.name.split(".")[1], "status": "hit"})
+        if force or not is_current(path, fp):
+            todo.append((results[-1], path, params, fp))
+    if not todo:
+        return results
+    run = load_run(out)
     ds = load_dataset(ds_dir)
-    cands = load_candidates(ds, f_path, source, top_n, graph_file=g_path)
-    queries = encode_queries(ds, split, run.vocab)
-    t0 = time.perf_counter()
-    scored = score_queries(run.model, queries, cands, description=f"cmrin {split} ({result['candidates']})")
-    seconds = time.perf_counter() - t0
-    lines = []
-    for n, s in enumerate(scored):
-        r = int(queries.image_rows[n])
-        order = np.argsort(-s["scores"], kind="stable")
-        boxes = cands.boxes[cands.offsets[r]:cands.offsets[r + 1]][order]
-        if len(boxes) == 0:
-            continue  # no candidate: the query counts as a miss
-        lines.append({"query_id": int(queries.query_ids[n]), "box": boxes[0].tolist(), "boxes": boxes.tolist(),
-                      "scores": s["scores"][order].tolist()})
-    write_predictions(path, lines)
-    write_manifest(path, step=PREDICT_STEP, params=params, parents=parents, fingerprint=fp, kind="predictions",
-                   extra={"queries": len(lines), "seconds": round(seconds, 3),
-                          "ms_per_query": round(1000 * seconds / max(1, len(queries)), 4)})
-    result.update(status="written", queries=len(lines), ms_per_query=round(1000 * seconds / max(1, len(queries)), 4))
-    return result
+    cand_sets: dict[tuple[str, int], CandidateSet] = {}
+    for result, path, params, fp in todo:
+        key = (params["source"], params["top_n"])
+        if key not in cand_sets:
+            cand_sets[key] = load_candidates(ds, f_path, key[0], key[1], graph_file=g_path)
+        cands = cand_sets[key]
+        queries = encode_queries(ds, params["split"], run.vocab)
+        t0 = time.perf_counter()
+        scored = score_queries(run.model, queries, cands,
+                               description=f"cmrin {params['split']} ({result['candidates']})")
+        seconds = time.perf_counter() - t0
+        lines = []
+        for n, sc in enumerate(scored):
+            r = int(queries.image_rows[n])
+            order = np.argsort(-sc["scores"], kind="stable")
+            boxes = cands.boxes[cands.offsets[r]:cands.offsets[r + 1]][order]
+            if len(boxes) == 0:
+                continue  # no candidate: the query counts as a miss
+            lines.append({"query_id": int(queries.query_ids[n]), "box": boxes[0].tolist(),
+                          "boxes": boxes.tolist(), "scores": sc["scores"][order].tolist()})
+        write_predictions(path, lines)
+        ms = round(1000 * seconds / max(1, len(queries)), 4)
+        write_manifest(path, step=PREDICT_STEP, params=params, parents=parents, fingerprint=fp, kind="predictions",
+                       extra={"queries": len(lines), "seconds": round(seconds, 3), "ms_per_query": ms})
+        result.update(status="written", queries=len(lines), ms_per_query=ms)
+    return results
 
 
 def explain_query(dataset: str, cache: Any, name: str, query_id: int, source: str = "gt", top_n: int = 10

@@ -5,15 +5,15 @@ partly occlude each other, exact visible instance masks, referring expressions o
 attribute, location, size, first- and second-order relations) each checked to denote exactly its
 referent, and captions whose phrases link to their objects. Deterministic for a seed.
 
-Public API: :func:`generate_dataset`, :func:`write_synthetic`, :func:`summary`.
+Public API: :func:`generate_dataset`, :func:`write_synthetic`, :func:`ensure_synthetic`, :func:`summary`.
 """
 
-from refground.data.synth.generate import (DEFAULT_FRACTIONS, SPLITS, assign_splits, generate_dataset, params_dict,
-                                           summary, write_synthetic)
+from refground.data.synth.generate import (DEFAULT_FRACTIONS, SPLITS, assign_splits, ensure_synthetic, generate_dataset,
+                                           params_dict, summary, write_synthetic)
 from refground.data.synth.language import KINDS
 from refground.data.synth.world import (CATEGORIES, CATEGORY_GROUPS, COLORS, GENERATOR_VERSION, RELATION_WORDS,
                                         SIZES, vocabulary)
 
 __all__ = ["CATEGORIES", "CATEGORY_GROUPS", "COLORS", "DEFAULT_FRACTIONS", "GENERATOR_VERSION", "KINDS",
-           "RELATION_WORDS", "SIZES", "SPLITS", "assign_splits", "generate_dataset", "params_dict", "summary",
+           "RELATION_WORDS", "SIZES", "SPLITS", "assign_splits", "ensure_synthetic", "generate_dataset", "params_dict", "summary",
            "vocabulary", "write_synthetic"]

@@ -20,7 +20,7 @@ import numpy as np
 
 from refground.data.model import Dataset, Image, Mention, Object, Query, Relation
 from refground.data.stats import dataset_stats
-from refground.data.store import dataset_writer, finish_dataset
+from refground.data.store import dataset_writer, finish_dataset, is_complete_with, load_dataset
 from refground.data.synth.language import KINDS, Facts, Sentence, captions, expressions
 from refground.data.synth.render import render, save_png
 from refground.data.synth.scene import sample_scene
@@ -243,3 +243,15 @@ def summary(ds: Dataset) -> dict[str, Any]:
         "captions": s["captions"],
         "images_by_split": {k: v["images"] for k, v in s["splits"].items() if v["images"]},
     }
+
+
+def ensure_synthetic(directory: Path, name: str = "synth", num_images: int = 5000, seed: int = 0,
+                     image_size: int = 256, workers: int | None = None,
+                     split_fractions: Sequence[float] = DEFAULT_FRACTIONS, force: bool = False
+                     ) -> tuple[Dataset, bool]:
+    """The synthetic dataset at ``directory``: loaded when it is complete with the same parameters (unless
+    ``force``), else generated with :func:`write_synthetic`. Returns ``(dataset, written)``."""
+    fractions = check_params(name, num_images, seed, image_size, workers, split_fractions)
+    if not force and is_complete_with(Path(directory), params_dict(name, num_images, seed, image_size, fractions)):
+        return load_dataset(Path(directory)), False
+    return write_synthetic(directory, name, num_images, seed, image_size, workers, fractions), True
