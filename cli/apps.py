@@ -20,3 +20,6 @@ train_app = typer.Typer(help="Train a model: the built-in detector, and the meth
 app.add_typer(train_app, name="train")
 cache_app = typer.Typer(help="The artifact cache: list what is there, verify it.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+pseudo_app = typer.Typer(help="Pseudo ground truth: contextual objects for VL-NMS (later: BiCM pairs, ReIR "
+                         "relation labels).", no_args_is_help=True)
+app.add_typer(pseudo_app, name="pseudo")

@@ -40,16 +40,23 @@ RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name under run
                                                "method's name, e.g. cmrin).", show_default=False)]
 CandidatesOpt = Annotated[
     str,
-    typer.Option("--candidates", help="With --method: candidate boxes per image, 'gt' (ground-truth objects) or "
-                 "'proposals' (the detector's top --top-n by confidence)."),
+    typer.Option("--candidates", help="With --method: candidate boxes, 'gt' (ground-truth objects), 'proposals' "
+                 "(the detector's top --top-n per image by confidence) or 'vlnms' (the top --top-n query-aware "
+                 "proposals of `refground vlnms`, from the run --vlnms-run)."),
 ]
-TopNOpt = Annotated[int, typer.Option("--top-n", help="With --candidates proposals: proposals per image.")]
+TopNOpt = Annotated[int, typer.Option("--top-n", help="With --candidates proposals/vlnms: proposals per image "
+                                      "or per query.")]
+VlnmsRunOpt = Annotated[str, typer.Option("--vlnms-run", help="With --candidates vlnms: the VL-NMS run whose "
+                                          "proposals to use ('confidence' for confidence-only NMS on the same "
+                                          "detections).")]
+CANDIDATES = ("gt", "proposals", "vlnms")
 METHODS = ("cmrin",)
 
 
 def resolve_predictions(predictions: Optional[Path], method: Optional[str] = None, run: Optional[str] = None,
                         dataset: str = "synth", cache: Optional[Path] = None, split: str = "val",
-                        candidates: str = "gt", top_n: int = 10, force: bool = False) -> Path:
+                        candidates: str = "gt", top_n: int = 10, force: bool = False, vlnms_run: str = "fc-bce"
+                        ) -> Path:
     """The predictions file to score: ``--predictions``, or those of a method's run (computed if needed)."""
     if predictions is not None and method is not None:
         raise UsageError("give either --predictions FILE or --method NAME, not both")
@@ -59,9 +66,12 @@ def resolve_predictions(predictions: Optional[Path], method: Optional[str] = Non
         return predictions
     if method not in METHODS:
         raise UsageError(f"--method {method!r}: expected one of: {', '.join(METHODS)}")
-    from refground.models.cmrin_run import predict_cmrin
+    from refground.models.cmrin_run import VLNMS_PREFIX, predict_cmrin
 
-    res = predict_cmrin(dataset, cache, run or method, split, candidates, top_n, force=force)
+    if candidates not in CANDIDATES:
+        raise UsageError(f"--candidates {candidates!r}: expected one of: {', '.join(CANDIDATES)}")
+    source = VLNMS_PREFIX + vlnms_run if candidates == "vlnms" else candidates
+    res = predict_cmrin(dataset, cache, run or method, split, source, top_n, force=force)
     if res["status"] == "written":
         info(f"wrote {res['path']} ({res['queries']} queries, {res['ms_per_query']} ms per query)")
     return Path(res["path"])
@@ -80,6 +90,7 @@ def eval_command(
     run: RunOpt = None,
     candidates: CandidatesOpt = "gt",
     top_n: TopNOpt = 10,
+    vlnms_run: VlnmsRunOpt = "fc-bce",
     dataset: DatasetOpt = "synth",
     multi_box: MultiBoxOpt = "union",
     point_in: PointInOpt = "box",
@@ -107,7 +118,8 @@ def eval_command(
         raise UsageError(f"--multi-box must be one of: {', '.join(MULTI_BOX)} (got {multi_box!r})")
     if point_in not in POINT_IN:
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
-    path = resolve_predictions(predictions, method, run, dataset, cache, split, candidates, top_n, force)
+    path = resolve_predictions(predictions, method, run, dataset, cache, split, candidates, top_n, force,
+                               vlnms_run)
     preds = read_predictions(path)
     ds = load_named(dataset, cache)
     result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)

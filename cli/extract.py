@@ -43,6 +43,14 @@ def extract(
                                             "resume and sharding; part of the job, keep it across shards).")] = 64,
     shard: Annotated[str, typer.Option("--shard", help="K/N: compute the K-th of N disjoint blocks (N processes or "
                                        "machines sharing the cache folder), then `refground extract merge`.")] = "",
+    detections: Annotated[bool, typer.Option("--detections/--no-detections", help="Also store the detector's "
+                                             "pre-NMS boxes with confidence >= --detection-threshold (with "
+                                             "features and class scores, in the features artifact's detections/ "
+                                             "section), which `refground vlnms` re-ranks. Built-in detector "
+                                             "only.")] = False,
+    detection_threshold: Annotated[float, typer.Option("--detection-threshold", help="With --detections: the "
+                                                       "confidence a pre-NMS box needs to be stored, in (0, 1) "
+                                                       "(VL-NMS's delta).")] = 0.05,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -50,19 +58,25 @@ def extract(
     """Write, for every image, up to N proposals (boxes, confidences, labels, class scores) with a region
     feature each and the same features for every ground-truth object (features/<name>.h5), dense maps
     (dense/<name>.zarr), and with --clip CLIP embeddings of images, crops, queries and category names.
+    With --detections the features artifact also holds the detector's pre-NMS boxes (VL-NMS's set B).
     Resumes after an interruption; skips artifacts that are complete and current (--force redoes them)."""
     if ctx.invoked_subcommand is not None:
         return
+    from refground.errors import UsageError
     from refground.features.pipeline import extract_dataset
 
+    if not 0.0 < detection_threshold < 1.0:
+        raise UsageError(f"--detection-threshold {detection_threshold}: must be in (0, 1), e.g. 0.05")
     res = extract_dataset(dataset, cache, detector=detector, backbone=backbone, clip=clip,
                           max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
-                          batch_size=batch_size, chunk_size=chunk_size, shard=shard, force=force, seed=seed)
+                          batch_size=batch_size, chunk_size=chunk_size, shard=shard, force=force, seed=seed,
+                          detections=detection_threshold if detections else None)
     if res.get("cache_hit"):
         info("all artifacts complete and current: cache hit (use --force to recompute)")
     rows = [(kind, a["status"], a["path"]) for kind, a in res["artifacts"].items()]
     figures = [("seconds", res["seconds"])]
-    for key in ("images_computed", "images_per_second", "proposals_per_image", "feature_dim"):
+    for key in ("images_computed", "images_per_second", "proposals_per_image", "detections_per_image",
+                "feature_dim"):
         if res.get(key) is not None:
             figures.append((key.replace("_", " "), res[key]))
     if res.get("pending"):

@@ -33,6 +33,9 @@ from refground.cli import train_detector as _train_detector  # noqa: F401,E402
 from refground.cli import train_cmrin as _train_cmrin  # noqa: F401,E402
 from refground.cli import quickstart as _quickstart  # noqa: F401,E402
 from refground.cli import report as _report  # noqa: F401,E402
+from refground.cli import train_vlnms as _train_vlnms  # noqa: F401,E402
+from refground.cli import pseudo as _pseudo  # noqa: F401,E402
+from refground.cli import vlnms as _vlnms  # noqa: F401,E402
 
 
 @app.command("version")

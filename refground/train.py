@@ -65,6 +65,51 @@ def load_weights(path: Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
+def complete_run(path: Path, method: str) -> Any:
+    """The manifest of a complete run folder of ``method`` with its config and weights, else a one-line
+    ArtifactError naming ``refground train <method> --name <run>``."""
+    from refground.cache import require
+    from refground.errors import ArtifactError
+
+    m = require(path, f"refground train {method} --name {path.name}")
+    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
+        raise ArtifactError(f"{path}: run without config or weights; "
+                            f"run `refground train {method} --name {path.name} --force`")
+    return m
+
+
+@dataclass
+class LoadedRun:
+    """A trained run: its folder, model (eval mode, best weights), vocabulary, config and manifest params."""
+
+    path: Path
+    model: torch.nn.Module
+    vocab: Any
+    config: Any
+    params: dict[str, Any]
+    fingerprint: str
+
+
+def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[str, Any]], Any],
+                    build: Callable[[Any], torch.nn.Module]) -> LoadedRun:
+    """Load a complete run folder of ``method``: its config (``config_from_dict`` of config.json), the model
+    ``build(config)`` with the best weights (eval mode) and the vocabulary (vocab.json). A missing,
+    interrupted or unreadable run is a one-line ArtifactError."""
+    from refground.errors import ArtifactError
+    from refground.text.vocab import Vocabulary
+
+    path = Path(path)
+    m = complete_run(path, method)
+    cfg = read_json(path / CONFIG_FILE)
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train {method} --name {path.name} --force`")
+    config = config_from_dict(cfg)
+    model = build(config)
+    model.load_state_dict(load_weights(path / MODEL_FILE))
+    model.eval()
+    return LoadedRun(path, model, Vocabulary.load(path / "vocab.json"), config, m.params, m.fingerprint)
+
+
 def epoch_rng(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
     """The numpy and torch generators of one epoch (independent of how many epochs ran before)."""
     return (np.random.default_rng([int(seed), int(epoch), 1]),
@@ -105,6 +150,40 @@ class RunSpec:
         except Exception:  # an unreadable checkpoint is simply not resumable
             return None
         return state if state.get("fingerprint") == self.fingerprint else None
+
+    def cached_summary(self) -> dict[str, Any] | None:
+        """``{"cache_hit": True, "metrics", **manifest extra}`` of a complete run, else None."""
+        if not self.is_complete():
+            return None
+        extra = (read_json(self.out_dir / "manifest.json") or {}).get("extra", {})
+        return {"cache_hit": True, "metrics": read_json(self.out_dir / METRICS_FILE) or {}, **extra}
+
+    def begin(self, config: dict[str, Any], vocab: Any, resume: bool, force: bool) -> dict[str, Any] | None:
+        """Open the run folder for training: mark it incomplete, write config.json and vocab.json; returns the
+        checkpoint to resume from (None for a fresh start, or with ``force`` / without ``resume``)."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.resumable_state() if resume and not force else None
+        self.mark(complete=False)
+        write_json(self.out_dir / CONFIG_FILE, config)
+        vocab.save(self.out_dir / "vocab.json")
+        return state
+
+    def finish(self, fr: "FitResult", epochs: int, items: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Write metrics.json and the complete manifest after :func:`fit`; returns the summary of the run
+        (``resumed_from``, ``best_epoch``, ``metrics``, ``curve``, timing and counts)."""
+        write_json(self.out_dir / METRICS_FILE, metrics)
+        extra = {"train_seconds": round(fr.train_seconds, 2), "queries_per_s": round(fr.items_per_s, 1),
+                 "epochs_trained_now": epochs - fr.resumed_from, "steps": fr.steps,
+                 "threads": torch.get_num_threads(), "train_queries": int(items)}
+        self.mark(complete=True, extra=extra)
+        return {"resumed_from": fr.resumed_from, "best_epoch": fr.best_epoch, "metrics": metrics, "curve": fr.curve,
+                **extra}
+
+
+def best_epoch_figures(fr: "FitResult") -> dict[str, Any]:
+    """The ``val_*`` figures of the best epoch of ``fr``'s curve, without the prefix."""
+    best = next((r for r in fr.curve["epochs"] if r["epoch"] == fr.best_epoch), {})
+    return {k[4:]: v for k, v in best.items() if k.startswith("val_")}
 
 
 @dataclass

@@ -266,8 +266,8 @@ def test_eval_method_errors(trained, capsys, tmp_path):
     assert "--method" in fail(capsys, "eval", "--method", "nope", "--split", "val", "--cache", c)
     assert "not both" in fail(capsys, "eval", "--method", "cmrin", "--predictions", str(tmp_path / "p.jsonl"),
                               "--split", "val", "--cache", c)
-    assert "candidate source" in fail(capsys, "eval", "--method", "cmrin", "--split", "val", "--candidates", "boxes",
-                                      "--cache", c)
+    assert "expected one of: gt, proposals, vlnms" in fail(capsys, "eval", "--method", "cmrin", "--split", "val",
+                                                           "--candidates", "boxes", "--cache", c)
 
 
 def test_report_cmrin_ablation(trained, capsys):

@@ -41,6 +41,7 @@ BENCH_MODULES = (
     "refground.bench.graph_bench",
     "refground.bench.extract_bench",
     "refground.bench.cmrin_bench",
+    "refground.bench.vlnms_bench",
 )
 
 

@@ -346,6 +346,10 @@ class Dataset:
         s = self.object_slice(image_id)
         return [self._object_at(k) for k in range(s.start, s.stop)]
 
+    def image_row(self, image_id: int) -> int:
+        """Row of ``image_id`` in the image columns."""
+        return self._pos(self._image_pos, image_id, "image")
+
     def object_row(self, object_id: int) -> int:
         """Row of ``object_id`` in the object columns."""
         return self._pos(self._object_pos, object_id, "object")

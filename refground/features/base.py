@@ -35,7 +35,10 @@ class Proposals:
     boxes: Tensor[K, 4] float32 xyxy pixels; scores: Tensor[K] float32 confidence in [0, 1];
     labels: Tensor[K] int64 index into the source's ``class_names``; class_scores: Tensor[K, C] float32
     (per-class probabilities, C = len(class_names)); features: Tensor[K, D] float32 or None when the
-    source has no region features of its own (then a FeatureSource computes them from the boxes).
+    source has no region features of its own (then a FeatureSource computes them from the boxes);
+    nms_scores: Tensor[K] float32 or None, the confidence the source's own NMS and thresholds ranked the
+    boxes by, where that differs from ``scores`` (the built-in detector's detection set B: its first-pass
+    confidence, before re-pooling).
     """
 
     boxes: torch.Tensor
@@ -43,6 +46,7 @@ class Proposals:
     labels: torch.Tensor
     class_scores: torch.Tensor
     features: torch.Tensor | None = None
+    nms_scores: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -58,6 +62,19 @@ class ProposalSource(Protocol):
 
     def propose(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int) -> list[Proposals]:
         """At most ``max_proposals`` proposals per image (after the source's own NMS), best first."""
+        ...
+
+
+@runtime_checkable
+class DetectionSource(Protocol):
+    """A proposal source that can also give the detection set B of VL-NMS: its boxes *before* its final
+    NMS, filtered by confidence (the built-in detector; not transformers detectors or imported files)."""
+
+    def propose_with_detections(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                                detection_threshold: float) -> tuple[list[Proposals], list[Proposals]]:
+        """``(proposals, detections)`` per image: the proposals exactly as ``propose`` gives them, and the
+        pre-NMS boxes with confidence >= ``detection_threshold`` with the same kind of features and class
+        scores (``nms_scores`` set), best first."""
         ...
 
 

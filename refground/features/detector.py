@@ -337,12 +337,21 @@ class DetectorModel(nn.Module):
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
-    def detect(self, p: Tensor, sizes: list[tuple[int, int]], max_proposals: int) -> list[dict[str, Tensor]]:
+    def detect(self, p: Tensor, sizes: list[tuple[int, int]], max_proposals: int,
+               detection_threshold: float | None = None) -> list[dict[str, Tensor]]:
         """Two-stage inference on a batch's stride-8 map p Tensor[B, C, H, W].
 
         sizes: (h, w) of each image's content in the padded input. Returns per image the final boxes
-        Tensor[K, 4] (input pixels, clipped, after the class-agnostic NMS, ordered by first-pass confidence,
-        K <= max_proposals). The caller re-pools them for features and scores.
+        ``"boxes"`` Tensor[K, 4] (input pixels, clipped, after the class-agnostic NMS, ordered by first-pass
+        confidence, K <= max_proposals) and their first-pass confidences ``"scores"`` Tensor[K]. The caller
+        re-pools them for features and scores.
+
+        With ``detection_threshold`` (VL-NMS's delta) each result also describes the detection set B: the
+        refined boxes (clipped, small ones removed) *before* the final NMS whose first-pass confidence is
+        >= the threshold, best first (stable), at most ``post_nms_top_n``. So that a box in both sets is
+        pooled once, both are given as rows of ``"union_boxes"`` Tensor[U, 4] (the final boxes first, in
+        order, then the other boxes of B): ``"final_index"`` LongTensor[K] (= arange(K)), ``"det_index"``
+        LongTensor[P] and ``"det_scores"`` Tensor[P] (first-pass confidences of B, non-increasing).
         """
         c = self.config
         logits, boxes = self.dense(p)
@@ -372,7 +381,16 @@ class DetectorModel(nn.Module):
             ok = remove_small_boxes(bx, c.min_box_size)
             bx, sc = bx[ok], sc[ok]
             keep = nms(bx, sc, c.final_nms)[:max_proposals]
-            results.append({"boxes": bx[keep], "scores": sc[keep]})
+            r = {"boxes": bx[keep], "scores": sc[keep]}
+            if detection_threshold is not None:
+                det = torch.nonzero(sc >= detection_threshold).flatten()
+                det = det[torch.sort(sc[det], descending=True, stable=True).indices][: c.post_nms_top_n]
+                union = torch.cat([keep, det[~torch.isin(det, keep)]])
+                pos = torch.full((bx.shape[0],), -1, dtype=torch.int64)
+                pos[union] = torch.arange(union.shape[0])
+                r.update(union_boxes=bx[union], final_index=torch.arange(keep.shape[0]), det_index=pos[det],
+                         det_scores=sc[det])
+            results.append(r)
         return results
 
 
@@ -492,36 +510,81 @@ class BuiltinDetector:
 
         boxes are xyxy pixels of each original image; features are the fc7 vectors of exactly these boxes.
         """
+        return self._propose(images, image_ids, max_proposals, None)[0]
+
+    def propose_with_detections(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                                detection_threshold: float = 0.05) -> tuple[list[Proposals], list[Proposals]]:
+        """``(proposals, detections)`` per image: the proposals are exactly :meth:`propose`'s; the detections
+        are VL-NMS's set B, the refined boxes *before* the final class-agnostic NMS whose first-pass
+        confidence (the score that NMS uses) is >= ``detection_threshold``, at most ``post_nms_top_n``.
+
+        Both are re-pooled the same way (one RoIAlign + region-head call per inference batch over the union
+        of the two sets, so a box in both gets the same vectors) and sorted by decreasing re-pooled score
+        (stable: ties keep the first-pass order). ``detections.scores`` are re-pooled (like the proposals'),
+        so a few (about 0.5% on the default world) fall below the threshold, which applies to the first-pass
+        confidence; that one is ``detections.nms_scores`` (always >= the threshold). Because B holds every
+        pre-NMS box at or above the threshold, the class-agnostic NMS of B by ``nms_scores`` keeps exactly
+        the final proposals whose first-pass confidence is >= the threshold.
+        """
+        if not 0.0 < float(detection_threshold) < 1.0:
+            raise ValueError(f"detection_threshold must be in (0, 1), got {detection_threshold}")
+        props, dets = self._propose(images, image_ids, max_proposals, float(detection_threshold))
+        assert dets is not None
+        return props, dets
+
+    @staticmethod
+    def _sorted(bx: Tensor, cs: Tensor, feat: Tensor, first: Tensor | None = None) -> Proposals:
+        """Proposals of boxes with re-pooled class scores and features, best first (stable sort);
+        ``first``: the first-pass confidences, kept as ``nms_scores``."""
+        n = bx.shape[0]
+        scores, labels = cs.max(dim=1) if n else (cs.new_zeros(0), torch.zeros(0, dtype=torch.int64))
+        # Stable sort: ties keep the NMS order.
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return Proposals(boxes=bx[order].contiguous(), scores=scores[order].contiguous(),
+                         labels=labels[order].contiguous(), class_scores=cs[order].contiguous(),
+                         features=feat[order].contiguous(),
+                         nms_scores=None if first is None else first[order].contiguous())
+
+    def _propose(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                 threshold: float | None) -> tuple[list[Proposals], list[Proposals] | None]:
         if len(image_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
         maps, scales, sizes = self._maps(images)
         p = maps[DetectorModel.STRIDE]
         chunk = max(1, self.config.inference_batch)
-        final: list[Tensor] = []
+        # Boxes pooled per image (original pixels): the final boxes, or with a threshold the union of the
+        # final boxes and B; index[i] = (final rows, detection rows) into them.
+        pooled: list[Tensor] = []
+        index: list[tuple[Tensor, Tensor, Tensor]] = []
         for s0 in range(0, len(images), chunk):
-            dets = self.model.detect(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals)
+            dets = self.model.detect(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals, threshold)
             for j, d in enumerate(dets):
                 s = scales[s0 + j].repeat(2)
                 h, w = images[s0 + j].shape[:2]
-                final.append(clip_boxes_to_image(d["boxes"] / s, (h, w)))
+                if threshold is None:
+                    pooled.append(clip_boxes_to_image(d["boxes"] / s, (h, w)))
+                else:
+                    pooled.append(clip_boxes_to_image(d["union_boxes"] / s, (h, w)))
+                    index.append((d["final_index"], d["det_index"], d["det_scores"]))
         out: list[Proposals] = []
+        dets_out: list[Proposals] = []
         for s0 in range(0, len(images), chunk):
             sl = slice(s0, s0 + chunk)
-            heads = self._pool(p[sl], final[sl], scales[sl])
+            heads = self._pool(p[sl], pooled[sl], scales[sl])
             prob = heads["cls"].softmax(dim=1)[:, 1:]
             start = 0
-            for bx in final[sl]:
+            for j, bx in enumerate(pooled[sl]):
                 n = bx.shape[0]
                 cs = prob[start:start + n]
                 feat = heads["feature"][start:start + n]
                 start += n
-                scores, labels = cs.max(dim=1) if n else (cs.new_zeros(0), torch.zeros(0, dtype=torch.int64))
-                # Stable sort: ties keep the NMS order.
-                order = torch.sort(scores, descending=True, stable=True).indices
-                out.append(Proposals(boxes=bx[order].contiguous(), scores=scores[order].contiguous(),
-                                     labels=labels[order].contiguous(), class_scores=cs[order].contiguous(),
-                                     features=feat[order].contiguous()))
-        return out
+                if threshold is None:
+                    out.append(self._sorted(bx, cs, feat))
+                else:
+                    fi, di, first = index[s0 + j]
+                    out.append(self._sorted(bx[fi], cs[fi], feat[fi]))
+                    dets_out.append(self._sorted(bx[di], cs[di], feat[di], first))
+        return out, (dets_out if threshold is not None else None)
 
     def _heads(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
         if len(boxes) != len(images):

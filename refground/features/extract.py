@@ -10,7 +10,15 @@ artifacts at once:
         labels int32[P], class_scores float16[P, C], features float16[P, D]   (best first per image)
       objects/offsets int64[I + 1] (= the dataset's image_object_offsets); objects/ids int64[O],
         objects/features float16[O, D]                                          (ground-truth objects)
-      attrs: format, version, feature_dim, class_names (JSON), max_proposals, sources (JSON identities)
+      detections/   only with ``detections=THRESHOLD`` (``--detections``): VL-NMS's detection set B, the
+        detector's refined boxes *before* its final NMS with first-pass confidence >= THRESHOLD
+        (at most the detector's post_nms_top_n per image), pooled exactly like the proposals:
+        detections/offsets int64[I + 1]; detections/boxes float32[P, 4] xyxy pixels, scores float32[P]
+        (re-pooled confidence, = max of class_scores, as for proposals), nms_scores float32[P] (the
+        first-pass confidence the threshold and the detector's final NMS use; >= THRESHOLD),
+        labels int32[P], class_scores float16[P, C], features float16[P, D]      (best first by scores)
+      attrs: format, version, feature_dim, class_names (JSON), max_proposals, sources (JSON identities),
+        detection_threshold (only with detections/)
 
 - ``dense/<name>.zarr`` (:mod:`refground.cache.zarrstore`): maps at strides 8/16/32 of every image resized
   to ``dense_size``;
@@ -44,7 +52,8 @@ from refground.cache.zarrstore import write_zarr
 from refground.data.model import Dataset
 from refground.data.store import image_path
 from refground.errors import ArtifactError, UsageError
-from refground.features.base import DENSE_STRIDES, ClipEncoder, FeatureSource, ProposalSource, read_image
+from refground.features.base import (DENSE_STRIDES, ClipEncoder, DetectionSource, FeatureSource, Proposals,
+                                     ProposalSource, read_image)
 from refground.progress import track
 
 FEATURES_FORMAT = "refground-features"
@@ -107,15 +116,21 @@ class Extractor:
     ``proposals``: where boxes come from (None: read them from the complete features artifact
     ``existing`` — used when only CLIP embeddings are missing); ``features``: region features and dense
     maps (None: the proposals' own features, and no ground-truth object features);
-    ``clip``: embeddings (None: no CLIP artifact).
+    ``clip``: embeddings (None: no CLIP artifact); ``detections``: the confidence threshold of the
+    features artifact's ``detections/`` section (None: no such section; needs a
+    :class:`~refground.features.base.DetectionSource`).
     """
 
     def __init__(self, ds: Dataset, proposals: ProposalSource | None, features: FeatureSource | None,
                  clip: ClipEncoder | None, max_proposals: int, batch_size: int, dense_size: int,
-                 existing: RaggedH5 | None = None):
+                 existing: RaggedH5 | None = None, detections: float | None = None):
         self.ds, self.proposals, self.features, self.clip = ds, proposals, features, clip
         self.max_proposals, self.batch_size, self.dense_size = max_proposals, max(1, batch_size), dense_size
         self.existing = existing
+        self.detections = detections
+        if detections is not None and proposals is not None and not isinstance(proposals, DetectionSource):
+            raise UsageError(f"--detections: the proposal source {type(proposals).__name__} gives no pre-NMS "
+                             "boxes; use the built-in detector (--detector builtin[:NAME])")
         order = np.argsort(ds.image_ids)
         rows = np.searchsorted(ds.image_ids, ds.query_image_ids, sorter=order)
         q_rows = order[rows] if len(rows) else rows
@@ -123,22 +138,33 @@ class Extractor:
         self.query_order = np.argsort(q_rows, kind="stable")
         self.query_offsets = np.searchsorted(q_rows[self.query_order], np.arange(ds.num_images + 1))
 
-    def _proposals(self, images: list[np.ndarray], rows: range) -> list[dict[str, np.ndarray]]:
+    @staticmethod
+    def _arrays(p: Proposals) -> dict[str, np.ndarray | None]:
+        out: dict[str, np.ndarray | None] = {
+            "boxes": p.boxes.float().numpy(), "scores": p.scores.float().numpy(),
+            "labels": p.labels.numpy().astype(np.int32), "class_scores": _f16(p.class_scores),
+            "features": None if p.features is None else _f16(p.features)}
+        if p.nms_scores is not None:
+            out["nms_scores"] = p.nms_scores.float().numpy()
+        return out
+
+    def _proposals(self, images: list[np.ndarray], rows: range, with_detections: bool = False
+                   ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]] | None]:
+        """(proposal arrays, detection arrays or None) per image of ``rows``."""
         ds = self.ds
         if self.proposals is None:
-            assert self.existing is not None
+            assert self.existing is not None and not with_detections
             out = []
             for r in rows:
                 out.append({f: self.existing.image("proposals", f, r)
                             for f in ("boxes", "scores", "labels", "class_scores", "features")})
-            return out
-        props = self.proposals.propose(images, [int(ds.image_ids[r]) for r in rows], self.max_proposals)
-        out = []
-        for p in props:
-            out.append({"boxes": p.boxes.float().numpy(), "scores": p.scores.float().numpy(),
-                        "labels": p.labels.numpy().astype(np.int32), "class_scores": _f16(p.class_scores),
-                        "features": None if p.features is None else _f16(p.features)})
-        return out
+            return out, None
+        ids = [int(ds.image_ids[r]) for r in rows]
+        if with_detections:
+            props, dets = self.proposals.propose_with_detections(images, ids, self.max_proposals, self.detections)
+            return [self._arrays(p) for p in props], [self._arrays(d) for d in dets]
+        props = self.proposals.propose(images, ids, self.max_proposals)
+        return [self._arrays(p) for p in props], None
 
     def compute(self, rows: range, want: set[str]) -> dict[str, dict[str, np.ndarray]]:
         """Chunk arrays for image rows ``rows`` of each wanted artifact kind."""
@@ -153,14 +179,16 @@ class Extractor:
             images = [read_image(image_path(ds, int(ds.image_ids[r]))) for r in brows]
             gt = [torch.as_tensor(ds.object_boxes[ds.image_object_offsets[r]:ds.image_object_offsets[r + 1]],
                                   dtype=torch.float32) for r in brows]
-            props = self._proposals(images, brows) if want & {"features", "clip"} else []
+            with_dets = self.detections is not None and "features" in want
+            props, dets = self._proposals(images, brows, with_dets) if want & {"features", "clip"} else ([], None)
             if "features" in want:
                 if self.features is not None:
                     # A source that is both (the built-in detector) already gave its proposals' features.
-                    if self.features is not self.proposals or any(p["features"] is None for p in props):
-                        pf = self.features.region_features(images, [torch.as_tensor(p["boxes"]) for p in props])
-                        for p, f in zip(props, pf):
-                            p["features"] = _f16(f)
+                    for group in (props, dets) if dets is not None else (props,):
+                        if self.features is not self.proposals or any(p["features"] is None for p in group):
+                            pf = self.features.region_features(images, [torch.as_tensor(p["boxes"]) for p in group])
+                            for p, f in zip(group, pf):
+                                p["features"] = _f16(f)
                     gf = [_f16(f) for f in self.features.region_features(images, gt)]
                 else:
                     gf = None
@@ -176,6 +204,13 @@ class Extractor:
                     sl = slice(ds.image_object_offsets[r], ds.image_object_offsets[r + 1])
                     add("features", "objects.counts", np.array([sl.stop - sl.start], dtype=np.int64))
                     add("features", "objects.ids", ds.object_ids[sl])
+                if dets is not None:
+                    for d in dets:
+                        if d["features"] is None:
+                            raise UsageError("--detections: the detections have no region features")
+                        add("features", "detections.counts", np.array([len(d["boxes"])], dtype=np.int64))
+                        for f in ("boxes", "scores", "nms_scores", "labels", "class_scores", "features"):
+                            add("features", f"detections.{f}", d[f])
                 if gf is not None:
                     for f in gf:
                         add("features", "objects.features", f)

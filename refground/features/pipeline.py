@@ -48,12 +48,18 @@ def require_features(path: Path) -> None:
 def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", backbone: str = "",
                     clip: str = "", max_proposals: int = 100, dense: bool = True, dense_size: int = 0,
                     name: str = "", batch_size: int = 16, chunk_size: int = 64, shard: str = "",
-                    force: bool = False, seed: int = 0) -> dict[str, Any]:
+                    force: bool = False, seed: int = 0, detections: float | None = None) -> dict[str, Any]:
     """Fill (or find current) the features, dense and CLIP artifacts of ``dataset``. Returns a summary:
-    per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing."""
+    per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing.
+
+    ``detections``: a confidence threshold in (0, 1) (VL-NMS's delta, 0.05 in the paper) to also store the
+    detector's pre-NMS boxes at or above it in the features artifact's ``detections/`` section (built-in
+    detector only); None (default) leaves the artifact, and its fingerprint, as without the option."""
     t0 = time.perf_counter()
     if max_proposals < 1:
         raise UsageError(f"--max-proposals {max_proposals}: must be at least 1")
+    if detections is not None and not 0.0 < float(detections) < 1.0:
+        raise UsageError(f"--detection-threshold {detections}: must be in (0, 1), e.g. 0.05")
     if chunk_size < 1 or batch_size < 1:
         raise UsageError("--chunk-size and --batch-size must be at least 1")
     sh = Shard.parse(shard)
@@ -66,6 +72,9 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     feat = bb if bb is not None else (det if det.kind in ("builtin",) else None)
     if det.kind == "none" and feat is None:
         raise UsageError("--detector none needs a --backbone for ground-truth object features")
+    if detections is not None and det.kind != "builtin":
+        raise UsageError(f"--detections: --detector {det.spec or 'none'} gives no pre-NMS boxes; only the built-in "
+                         "detector (--detector builtin[:NAME]) does")
     name = name or (det.name if det.kind != "none" else feat.name) + (f"+{bb.name}" if bb and det.kind != "none" else "")
     clip_spec = resolve(clip, "clip", runs) if clip else None
     paths = artifact_paths(root, name, clip_spec.name if clip_spec else "")
@@ -74,6 +83,9 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     status: dict[str, Any] = {}
     f_params = {"detector": det.spec, "backbone": backbone, "max_proposals": max_proposals,
                 "format_version": X.FORMAT_VERSION}
+    if detections is not None:
+        # Only when on: artifacts made without the option keep their fingerprints.
+        f_params["detections"] = float(detections)
     f_parents = {"dataset": ds_parent, **({"detector": det.parent} if det.parent else {}),
                  **({"backbone": bb.parent} if bb else {})}
     f_fp = fingerprint(FEATURES_STEP, f_params, parent_fingerprints(f_parents))
@@ -119,6 +131,8 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
                            feature_dim=int(getattr(feat_model or det_model, "feature_dim", 0) or 0),
                            sources={"detector": det_model.identity(),
                                     "backbone": feat_model.identity() if feat_model is not None else None})
+            if detections is not None:
+                t.attrs["detection_threshold"] = float(detections)
         elif t.kind == "dense":
             t.attrs.update(strides=[s for s in DENSE_STRIDES if s in feat_model.dense_channels],
                            size=size, channels={str(k): v for k, v in feat_model.dense_channels.items()})
@@ -129,7 +143,8 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     if "features" not in {t.kind for t in targets} and "clip" in {t.kind for t in targets}:
         existing = RaggedH5(paths["features"])
     extractor = X.Extractor(ds, None if existing is not None else det_model, feat_model, clip_model,
-                            max_proposals, batch_size, size, existing=existing)
+                            max_proposals, batch_size, size, existing=existing,
+                            detections=float(detections) if detections is not None else None)
     try:
         ran = X.run(ds, targets, extractor, chunk_size, sh)
     finally:
@@ -147,6 +162,9 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
             counts = f.counts("proposals")
             result["proposals_per_image"] = round(float(counts.mean()), 2) if len(counts) else 0.0
             result["feature_dim"] = int(f.file["objects"]["features"].shape[1]) if f.has("objects", "features") else 0
+            if f.has("detections", "offsets"):
+                dc = f.counts("detections")
+                result["detections_per_image"] = round(float(dc.mean()), 2) if len(dc) else 0.0
     return result
 
 

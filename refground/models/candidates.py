@@ -152,6 +152,46 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
                         relations.astype(np.uint8), rel_offsets.astype(np.int64), sizes)
 
 
+def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) -> tuple[CandidateSet, np.ndarray]:
+    """Candidates per *query* from a query-aware proposal set (``refground vlnms``: the first ``top_n`` of
+    each query, best first), with their spatial relation graphs computed here.
+
+    Returns the set (its groups are the file's queries, ``image_ids`` the queries' image ids) and
+    query_ids int64[G] of the groups; :func:`group_queries` points a :class:`QueryTable` at them.
+    """
+    from refground.graph import spatial_relations_many
+
+    if top_n < 1:
+        raise UsageError(f"--top-n {top_n}: must be at least 1")
+    require(proposals_file, "refground vlnms", check_parents=True)
+    with RaggedH5(proposals_file) as f:
+        qids = f.table("queries", "ids").astype(np.int64)
+        rows, offsets = _top_rows(f.offsets["proposals"], top_n)
+        boxes = f.table("proposals", "boxes")[rows].astype(np.float32)
+        features = f.table("proposals", "features")[rows].astype(np.float32)
+    image_rows = np.array([ds.image_row(int(ds.query_image_ids[ds.query_row(int(q))])) for q in qids], dtype=np.int64)
+    sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)[image_rows]
+    group_boxes = [boxes[offsets[g]:offsets[g + 1]] for g in range(len(qids))]
+    relations, rel_offsets = spatial_relations_many(group_boxes, [tuple(x) for x in sizes.tolist()])
+    of_row = np.repeat(np.arange(len(qids)), np.diff(offsets))
+    spatial = _spatial(boxes, sizes[of_row]) if len(boxes) else np.zeros((0, 5), np.float32)
+    cands = CandidateSet("vlnms", ds.image_ids[image_rows].astype(np.int64), offsets, boxes, features, spatial,
+                         np.full(len(boxes), -1, dtype=np.int64), relations, rel_offsets.astype(np.int64), sizes)
+    return cands, qids
+
+
+def group_queries(queries: "QueryTable", group_query_ids: np.ndarray) -> "QueryTable":
+    """``queries`` with ``image_rows`` pointing at the per-query candidate groups of
+    :func:`load_query_candidates` (a query missing from the proposal set is a one-line ArtifactError)."""
+    pos = {int(q): g for g, q in enumerate(group_query_ids.tolist())}
+    missing = [int(q) for q in queries.query_ids.tolist() if int(q) not in pos]
+    if missing:
+        raise ArtifactError(f"the query-aware proposals lack query {missing[0]} (and {len(missing) - 1} more); "
+                            "run `refground vlnms` for this split")
+    rows = np.array([pos[int(q)] for q in queries.query_ids.tolist()], dtype=np.int64)
+    return QueryTable(queries.query_ids, rows, queries.words, queries.targets, queries.kinds)
+
+
 @dataclass
 class QueryTable:
     """Encoded expression queries of one split.
@@ -296,4 +336,5 @@ def feature_stats(cands: CandidateSet, image_rows: np.ndarray) -> tuple[Tensor, 
 
 
 __all__ = ["Batch", "CandidateSet", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "QueryTable", "SOURCES",
-           "encode_queries", "encode_query_rows", "feature_stats", "flip_word_map", "load_candidates", "make_batch"]
+           "encode_queries", "encode_query_rows", "feature_stats", "flip_word_map", "group_queries",
+           "load_candidates", "load_query_candidates", "make_batch"]

@@ -12,7 +12,6 @@ Run folder ``<cache>/<dataset>/runs/cmrin/<name>/`` (:mod:`refground.train`) plu
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 from refground.cache import is_current, parent, require, write_manifest
 from refground.cache import fingerprint as make_fingerprint
 from refground.data.store import dataset_dir, load_dataset
-from refground.errors import ArtifactError, DataError, UsageError
+from refground.errors import DataError, UsageError
 from refground.features.pipeline import features_path
 from refground.graph_artifact import graph_path
 from refground.models.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, Flips, QueryTable, encode_queries,
@@ -30,8 +29,8 @@ from refground.models.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet,
 from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
-from refground.train import (CONFIG_FILE, METRICS_FILE, MODEL_FILE, RunSpec, check_run_name, fit, load_weights,
-                             read_json, write_json)
+from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
+                             fit, load_run_folder)
 
 STEP = "train.cmrin@1"
 PREDICT_STEP = "predict.cmrin@1"
@@ -97,39 +96,13 @@ def _gt_hits(model: CMRIN, queries: QueryTable, cands: CandidateSet) -> np.ndarr
     return best == queries.targets
 
 
-@dataclass
-class LoadedRun:
-    """A trained run: its folder, model (eval mode, best weights), vocabulary, config and manifest params."""
-
-    path: Path
-    model: CMRIN
-    vocab: Vocabulary
-    config: CMRINConfig
-    params: dict[str, Any]
-    fingerprint: str
-
-
 def _complete_run(path: Path) -> Any:
-    """The manifest of a complete run folder with its config and weights, else a one-line ArtifactError."""
-    m = require(path, f"refground train cmrin --name {path.name}")
-    if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
-        raise ArtifactError(f"{path}: run without config or weights; "
-                            f"run `refground train cmrin --name {path.name} --force`")
-    return m
+    return complete_run(path, "cmrin")
 
 
 def load_run(path: Path) -> LoadedRun:
     """Load a complete CMRIN run folder (refuses an interrupted or missing one with a one-line error)."""
-    path = Path(path)
-    m = _complete_run(path)
-    cfg_d = read_json(path / CONFIG_FILE)
-    if not isinstance(cfg_d, dict):
-        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train cmrin --name {path.name} --force`")
-    config = CMRINConfig.from_dict(cfg_d)
-    model = CMRIN(config)
-    model.load_state_dict(load_weights(path / MODEL_FILE))
-    model.eval()
-    return LoadedRun(path, model, Vocabulary.load(path / VOCAB_FILE), config, m.params, m.fingerprint)
+    return load_run_folder(path, "cmrin", CMRINConfig.from_dict, CMRIN)
 
 
 def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: CMRINConfig | None = None,
@@ -151,10 +124,9 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        "graph": parent("artifact", g_path)}, kind="runs/cmrin")
     result: dict[str, Any] = {"run": str(out), "name": name, "fingerprint": spec.fingerprint, "cache_hit": False}
-    if not force and spec.is_complete():
-        extra = (read_json(out / "manifest.json") or {}).get("extra", {})
-        result.update(cache_hit=True, metrics=read_json(out / METRICS_FILE) or {},
-                      seconds=round(time.perf_counter() - t_start, 3), **extra)
+    cached = None if force else spec.cached_summary()
+    if cached is not None:
+        result.update(cached, seconds=round(time.perf_counter() - t_start, 3))
         return result
     ds = load_dataset(ds_dir)
     cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
@@ -166,11 +138,7 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     if len(usable) == 0:
         raise DataError(f"dataset {dataset}: no train expression with a single referent object")
     config.vocab_size, config.visual_dim = len(vocab), cands.feature_dim
-    out.mkdir(parents=True, exist_ok=True)
-    state = spec.resumable_state() if resume and not force else None
-    spec.mark(complete=False)
-    write_json(out / CONFIG_FILE, config.to_dict())
-    vocab.save(out / VOCAB_FILE)
+    state = spec.begin(config.to_dict(), vocab, resume, force)
 
     torch.manual_seed(seed)
     model = CMRIN(config)
@@ -204,22 +172,38 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
 
     fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
              evaluate=evaluate, select="val_precision@1", lr_at=lr_at, state=state, description="train cmrin")
-    best = next((r for r in fr.curve["epochs"] if r["epoch"] == fr.best_epoch), {})
-    metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch,
-               **{k[4:]: v for k, v in best.items() if k.startswith("val_")}}
-    write_json(out / METRICS_FILE, metrics)
-    extra = {"train_seconds": round(fr.train_seconds, 2), "queries_per_s": round(fr.items_per_s, 1),
-             "epochs_trained_now": config.epochs - fr.resumed_from, "steps": fr.steps,
-             "threads": torch.get_num_threads(), "train_queries": int(len(usable))}
-    spec.mark(complete=True, extra=extra)
-    result.update(resumed_from=fr.resumed_from, best_epoch=fr.best_epoch, metrics=metrics, curve=fr.curve,
-                  seconds=round(time.perf_counter() - t_start, 3), **extra)
+    metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
+    result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
     return result
 
 
+VLNMS_PREFIX = "vlnms:"
+
+
+def candidates_tag(source: str, top_n: int) -> str:
+    """``gt``, ``proposals<N>`` or ``vlnms-<tag><N>`` (query-aware proposals of ``refground vlnms``)."""
+    if source == "gt":
+        return "gt"
+    if source.startswith(VLNMS_PREFIX):
+        return f"vlnms-{source[len(VLNMS_PREFIX):]}{top_n}"
+    return f"proposals{top_n}"
+
+
 def predictions_path(run: Path, split: str, source: str, top_n: int) -> Path:
-    tag = "gt" if source == "gt" else f"proposals{top_n}"
-    return Path(run) / "predictions" / f"{split}.{tag}.jsonl"
+    return Path(run) / "predictions" / f"{split}.{candidates_tag(source, top_n)}.jsonl"
+
+
+def _candidates_for(ds: Any, dataset: str, cache: Any, f_path: Path, g_path: Path, split: str, source: str,
+                    top_n: int, queries: QueryTable) -> tuple[CandidateSet, QueryTable]:
+    """The candidate set of ``source`` and the queries pointed at it (per-query groups for VL-NMS)."""
+    if source.startswith(VLNMS_PREFIX):
+        from refground.models.candidates import group_queries, load_query_candidates
+        from refground.models.vlnms_run import proposals_path
+
+        cands, qids = load_query_candidates(ds, proposals_path(dataset, cache, source[len(VLNMS_PREFIX):], split),
+                                            top_n)
+        return cands, group_queries(queries, qids)
+    return load_candidates(ds, f_path, source, top_n, graph_file=g_path), queries
 
 
 def predict_cmrin(dataset: str, cache: Any, name: str, split: str, source: str = "gt", top_n: int = 10,
@@ -246,9 +230,17 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     todo = []
     for split, source, top_n in jobs:
         path = predictions_path(out, split, source, top_n)
-        params = {"split": split, "source": source, "top_n": int(top_n) if source == "proposals" else 0}
+        params = {"split": split, "source": source, "top_n": int(top_n) if source != "gt" else 0}
+        if source.startswith(VLNMS_PREFIX):
+            from refground.cache import current_fingerprint
+            from refground.models.vlnms_run import proposals_path
+
+            p_path = proposals_path(dataset, cache, source[len(VLNMS_PREFIX):], split)
+            require(p_path, f"refground vlnms --split {split}", check_parents=True)
+            params["proposals"] = current_fingerprint("artifact", p_path)
         fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
-        results.append({"path": str(path), "split": split, "candidates": path.name.split(".")[1], "status": "hit"})
+        results.append({"path": str(path), "split": split, "candidates": candidates_tag(source, top_n),
+                        "status": "hit"})
         if force or not is_current(path, fp):
             todo.append((results[-1], path, params, fp))
     if not todo:
@@ -258,10 +250,14 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     cand_sets: dict[tuple[str, int], CandidateSet] = {}
     for result, path, params, fp in todo:
         key = (params["source"], params["top_n"])
-        if key not in cand_sets:
-            cand_sets[key] = load_candidates(ds, f_path, key[0], key[1], graph_file=g_path)
-        cands = cand_sets[key]
         queries = encode_queries(ds, params["split"], run.vocab)
+        if key[0].startswith(VLNMS_PREFIX):  # per split: the proposals are the split's queries'
+            cands, queries = _candidates_for(ds, dataset, cache, f_path, g_path, params["split"], key[0], key[1],
+                                             queries)
+        else:
+            if key not in cand_sets:
+                cand_sets[key] = load_candidates(ds, f_path, key[0], key[1], graph_file=g_path)
+            cands = cand_sets[key]
         t0 = time.perf_counter()
         scored = score_queries(run.model, queries, cands,
                                description=f"cmrin {params['split']} ({result['candidates']})")

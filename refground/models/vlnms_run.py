@@ -1,0 +1,590 @@
+"""VL-NMS as a pipeline step: train the relatedness module, apply it, write query-aware proposals.
+
+Inputs: the features artifact with its pre-NMS detection set ``detections/`` (``refground extract
+--detections``: every refined box with confidence >= delta before the detector's final NMS, with region
+features), the dataset, and optionally the pseudo ground truth of contextual objects
+(``refground pseudo vlnms``). For a query, the foreground boxes are its referent and (with pseudo ground
+truth) the pseudo contextual objects; a detection is positive when its IoU with a foreground box exceeds
+0.5 (eq. 4), rho is its largest IoU with them (eq. 5) and its regression target is the foreground box of
+that IoU (eq. 6).
+
+``apply_vlnms`` scores every detection of the query's image with the relatedness module, fuses
+s = r x c with the detector confidence and runs per-class NMS on s
+(:func:`refground.models.vlnms.fused_nms`); the first ``top_n`` survivors are the query's proposals.
+With ``model=None`` it is the confidence-only NMS on the same detection set (r = 1), the baseline of
+Table 1. Proposal sets are written as ``<cache>/<dataset>/vlnms/<tag>/<split>.h5``
+(:data:`PROPOSALS_FORMAT`; tag = the run name, or ``confidence``) plus ``<split>.jsonl`` ranked boxes that
+``refground eval`` scores for proposal recall.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from refground.boxes import elementwise_box_iou
+from refground.cache import RaggedH5, is_current, parent, require, write_h5, write_manifest
+from refground.cache import fingerprint as make_fingerprint
+from refground.cache.manifest import parent_fingerprints, read_manifest_of
+from refground.data.model import Dataset
+from refground.data.store import dataset_dir, load_dataset
+from refground.errors import ArtifactError, DataError, UsageError
+from refground.eval.metrics import RECALL_NS, proposal_hit_ranks, recall_from_ranks
+from refground.features.pipeline import features_path
+from refground.models.candidates import QueryTable, encode_queries
+from refground.models.vlnms import (VLNMSConfig, build_relatedness, decode_deltas, fused_nms, regression_targets,
+                                    spatial_vector, vlnms_loss)
+from refground.progress import track
+from refground.text.vocab import Vocabulary
+from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
+                             fit, load_run_folder)
+
+STEP = "train.vlnms@1"
+APPLY_STEP = "vlnms@1"
+PROPOSALS_FORMAT = "refground-vlnms-proposals"
+FORMAT_VERSION = 1
+CONFIDENCE = "confidence"  # the tag of confidence-only NMS on the detection set (no run may take it)
+VOCAB_FILE = "vocab.json"
+SCORE_BATCH = 256
+MIN_WORD_COUNT = 2  # Sec. 4.1: words seen fewer than 2 times in train are "unk"
+
+
+def run_dir(dataset: str, cache: Any, name: str) -> Path:
+    """``<cache>/<dataset>/runs/vlnms/<name>``."""
+    if check_run_name(name) == CONFIDENCE:
+        raise UsageError(f"run name {CONFIDENCE!r} is reserved for confidence-only NMS")
+    return dataset_dir(dataset, cache).parent / "runs" / "vlnms" / name
+
+
+def proposals_path(dataset: str, cache: Any, tag: str, split: str) -> Path:
+    """``<cache>/<dataset>/vlnms/<tag>/<split>.h5`` (the ranked boxes for ``refground eval``: ``.jsonl``)."""
+    return dataset_dir(dataset, cache).parent / "vlnms" / check_run_name(tag) / f"{split}.h5"
+
+
+# ------------------------------------------------------------------------------------------ data
+@dataclass
+class DetectionSet:
+    """The pre-NMS detections of every image, flat with offsets (image row r owns ``offsets[r]:offsets[r+1]``).
+
+    boxes float32[P, 4] xyxy pixels; scores float32[P] detector confidence c; labels int64[P] class index;
+    features float16[P, D]; image_sizes int64[I, 2] (height, width); object_offsets int64[I + 1] (the
+    dataset's objects per image) and obj_iou float32 flat: image r's [K_r, M_r] IoU of its detections with
+    its ground-truth objects at ``iou_offsets[r]``.
+    """
+
+    image_ids: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray
+    image_sizes: np.ndarray
+    object_offsets: np.ndarray
+    object_boxes: np.ndarray
+    obj_iou: np.ndarray
+    iou_offsets: np.ndarray
+    threshold: float
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def rows(self, image_row: int) -> slice:
+        return slice(int(self.offsets[image_row]), int(self.offsets[image_row + 1]))
+
+
+def _pair_index(a_off: np.ndarray, b_off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All (a, b) row pairs within each group (a-major): a rows, b rows and the pair offsets per group."""
+    ka, kb = np.diff(a_off), np.diff(b_off)
+    n = ka * kb
+    p_off = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    group = np.repeat(np.arange(len(n)), n)
+    local = np.arange(int(p_off[-1])) - p_off[group]
+    kbg = np.maximum(kb[group], 1)
+    return a_off[group] + local // kbg, b_off[group] + local % kbg, p_off
+
+
+def load_detections(ds: Dataset, features_file: Path) -> DetectionSet:
+    """The ``detections/`` group of a features artifact, with each detection's IoU with its image's objects."""
+    require(features_file, "refground extract --detections", check_parents=True)
+    with RaggedH5(features_file) as f:
+        if not f.has("detections"):
+            raise ArtifactError(f"{features_file}: no pre-NMS detections; run "
+                                "`refground extract --detections --force`")
+        if not np.array_equal(f.table("images", "ids"), ds.image_ids):
+            raise ArtifactError(f"{features_file}: its images differ from the dataset's; run `refground extract --force`")
+        offsets = f.offsets["detections"].astype(np.int64)
+        boxes = f.table("detections", "boxes").astype(np.float32)
+        scores = f.table("detections", "scores").astype(np.float32)
+        labels = f.table("detections", "labels").astype(np.int64)
+        features = f.table("detections", "features")
+        threshold = float(f.attr("detection_threshold", 0.0) or 0.0)
+    obj_off = ds.image_object_offsets.astype(np.int64)
+    obj_boxes = ds.object_boxes.astype(np.float32)
+    a, b, iou_off = _pair_index(offsets, obj_off)
+    iou = np.zeros(len(a), dtype=np.float32)
+    step = 1 << 20
+    for s in range(0, len(a), step):
+        iou[s:s + step] = elementwise_box_iou(torch.from_numpy(boxes[a[s:s + step]]),
+                                              torch.from_numpy(obj_boxes[b[s:s + step]])).numpy()
+    sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)
+    return DetectionSet(ds.image_ids.astype(np.int64), offsets, boxes, scores, labels, features, sizes, obj_off,
+                        obj_boxes, iou, iou_off, threshold)
+
+
+@dataclass
+class VLNMSQueries:
+    """Encoded queries with their foreground: ``table`` (words, image rows, referent index) and per query the
+    local indices (within its image's objects) of the foreground objects, referent first, flat with
+    ``fg_offsets`` int64[Q + 1]."""
+
+    table: QueryTable
+    fg_offsets: np.ndarray
+    fg_local: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def encode_vlnms_queries(ds: Dataset, split: str, vocab: Vocabulary, pseudo: dict[int, np.ndarray] | None = None,
+                         max_words: int = 40) -> VLNMSQueries:
+    """The split's expression queries; foreground = referent + ``pseudo[query_id]`` (context object ids)."""
+    table = encode_queries(ds, split, vocab, max_words)
+    fg: list[np.ndarray] = []
+    for n, qid in enumerate(table.query_ids.tolist()):
+        first = int(ds.image_object_offsets[table.image_rows[n]])
+        own = [int(table.targets[n])] if table.targets[n] >= 0 else []
+        ctx = [] if pseudo is None else [ds.object_row(int(o)) - first for o in pseudo.get(qid, ())]
+        fg.append(np.array(own + [c for c in ctx if c not in own], dtype=np.int64))
+    counts = np.array([len(x) for x in fg], dtype=np.int64)
+    return VLNMSQueries(table, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                        np.concatenate(fg) if fg else np.zeros(0, np.int64))
+
+
+@dataclass
+class VLNMSBatch:
+    """Padded inputs and targets of B queries over their images' detections (K = the batch's largest set).
+
+    words LongTensor[B, T]; features Tensor[B, K, D]; spatial Tensor[B, K, 5]; box_mask BoolTensor[B, K];
+    labels Tensor[B, K] (1 where IoU > 0.5 with a foreground box); rho Tensor[B, K] (largest IoU with the
+    foreground, 0 without any); targets Tensor[B, K, 4] regression targets towards that box; det_rows
+    int64[B, K] rows of the detection set (-1 at padding).
+    """
+
+    words: torch.Tensor
+    features: torch.Tensor
+    spatial: torch.Tensor
+    box_mask: torch.Tensor
+    labels: torch.Tensor
+    rho: torch.Tensor
+    targets: torch.Tensor
+    det_rows: np.ndarray
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        return {"words": self.words, "features": self.features, "spatial": self.spatial, "box_mask": self.box_mask}
+
+
+def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``a[idx]``, or zeros of that shape when ``a`` is empty (images without objects: nothing to match)."""
+    return a[idx] if len(a) else np.zeros((*idx.shape, *a.shape[1:]), dtype=a.dtype)
+
+
+def image_tensors(dets: DetectionSet, image_rows: np.ndarray
+                  ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
+    """The detections of ``image_rows`` padded to the largest set: features Tensor[N, K, D], boxes
+    float32[N, K, 4], spatial Tensor[N, K, 5] (:func:`refground.models.vlnms.spatial_vector`), valid bool[N, K]
+    and rows int64[N, K] of the detection set (0 at padding)."""
+    counts = dets.offsets[image_rows + 1] - dets.offsets[image_rows]
+    k = max(1, int(counts.max()) if len(counts) else 1)
+    slot = np.arange(k)
+    valid = slot[None, :] < counts[:, None]
+    rows = np.where(valid, dets.offsets[image_rows][:, None] + slot[None, :], 0)
+    feats = dets.features[rows].astype(np.float32) * valid[..., None]
+    boxes = dets.boxes[rows] * valid[..., None]
+    spatial = spatial_vector(torch.from_numpy(boxes), torch.from_numpy(dets.image_sizes[image_rows][:, None, :]))
+    return torch.from_numpy(feats), boxes, spatial.float(), valid, rows
+
+
+def make_vlnms_batch(queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
+                     coder_weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)) -> VLNMSBatch:
+    """Pad queries ``index`` with their images' detections and compute their training targets (vectorised)."""
+    index = np.asarray(index, dtype=np.int64)
+    t = queries.table
+    img = t.image_rows[index]
+    feats, boxes, spatial, valid, rows = image_tensors(dets, img)
+    k = valid.shape[1]
+    slot = np.arange(k)
+    # IoU of each detection with each of its image's objects, padded to [B, K, M].
+    m_counts = dets.object_offsets[img + 1] - dets.object_offsets[img]
+    m = max(1, int(m_counts.max()) if len(m_counts) else 1)
+    mslot = np.arange(m)
+    pair_valid = valid[:, :, None] & (mslot[None, None, :] < m_counts[:, None, None])
+    iou_rows = dets.iou_offsets[img][:, None, None] + slot[None, :, None] * m_counts[:, None, None] + mslot[None, None, :]
+    iou = np.where(pair_valid, _gather(dets.obj_iou, np.where(pair_valid, iou_rows, 0)), 0.0)
+    # Foreground objects of each query.
+    fg_counts = queries.fg_offsets[index + 1] - queries.fg_offsets[index]
+    fg_q = np.repeat(np.arange(len(index)), fg_counts)
+    fg_pos = np.concatenate([np.arange(queries.fg_offsets[i], queries.fg_offsets[i + 1]) for i in index]) \
+        if len(index) else np.zeros(0, np.int64)
+    fg = np.zeros((len(index), m), dtype=bool)
+    fg[fg_q, queries.fg_local[fg_pos]] = True
+    fg_iou = np.where(fg[:, None, :], iou, -1.0)
+    best = fg_iou.argmax(axis=2)
+    rho = np.clip(np.take_along_axis(fg_iou, best[..., None], axis=2)[..., 0], 0.0, None) * valid
+    gt_boxes = _gather(dets.object_boxes, dets.object_offsets[img][:, None]
+                       + np.minimum(best, np.maximum(m_counts[:, None] - 1, 0)))
+    targets = regression_targets(torch.from_numpy(boxes.reshape(-1, 4)),
+                                 torch.from_numpy(gt_boxes.reshape(-1, 4).astype(np.float32)),
+                                 coder_weights).reshape(len(index), k, 4)
+    words = t.words[index]
+    tw = max(1, int((words != 0).sum(1).max()) if len(words) else 1)
+    return VLNMSBatch(torch.from_numpy(words[:, :tw].copy()), feats, spatial,
+                      torch.from_numpy(valid), torch.from_numpy((rho > 0.5).astype(np.float32)),
+                      torch.from_numpy(rho.astype(np.float32)), targets.float(), np.where(valid, rows, -1))
+
+
+def feature_stats(dets: DetectionSet, image_rows: np.ndarray, limit: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per dimension of the detections of ``image_rows`` (the first ``limit``)."""
+    rows = np.concatenate([np.arange(dets.offsets[r], dets.offsets[r + 1]) for r in image_rows])[:limit] \
+        if len(image_rows) else np.zeros(0, np.int64)
+    if len(rows) == 0:
+        return torch.zeros(dets.feature_dim), torch.ones(dets.feature_dim)
+    x = dets.features[np.sort(rows)].astype(np.float64)
+    return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
+
+
+def bucket_batches(items: np.ndarray, sizes: np.ndarray, batch_size: int, rng: np.random.Generator,
+                   pool: int = 16) -> list[np.ndarray]:
+    """Shuffled batches of ``items`` whose detection-set ``sizes`` are alike: the items are shuffled, cut into
+    pools of ``pool`` batches, sorted by size within a pool, cut into batches, and the batches shuffled. A batch
+    costs its largest set times its length, so this halves the padding of random batches on the default world
+    while every epoch still sees every item once in a seeded random order."""
+    perm = rng.permutation(len(items))
+    out: list[np.ndarray] = []
+    span = batch_size * pool
+    for s in range(0, len(perm), span):
+        chunk = perm[s:s + span]
+        chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
+        out.extend(items[chunk[i:i + batch_size]] for i in range(0, len(chunk), batch_size))
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------- applying
+@dataclass
+class QueryProposals:
+    """The query-aware proposals of a split, flat with ``offsets`` int64[Q + 1] (query n owns
+    ``offsets[n]:offsets[n + 1]``, best fused score first): det_rows int64[P] rows of the detection set;
+    boxes float32[P, 4] (refined by the regression head where the run has one); fused float32[P] = r x c;
+    relatedness float32[P]; query_ids int64[Q]; seconds of relatedness scoring and of NMS."""
+
+    query_ids: np.ndarray
+    offsets: np.ndarray
+    det_rows: np.ndarray
+    boxes: np.ndarray
+    fused: np.ndarray
+    relatedness: np.ndarray
+    score_seconds: float
+    nms_seconds: float
+
+    def ranked_boxes(self, n: int) -> np.ndarray:
+        return self.boxes[self.offsets[n]:self.offsets[n + 1]]
+
+
+@torch.no_grad()
+def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
+                       batch_size: int = SCORE_BATCH, description: str = "") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """r of every detection of each query's image (float32[K_q]) and, for models with a regression head,
+    the refined boxes (float32[K_q, 4]; else the detection boxes), in the order of ``index``.
+
+    Queries are scored in chunks of whole images (about ``batch_size`` queries): the image's detections are
+    padded once, and a model with ``encode_boxes`` (VL-NMS-FC) encodes them once for all its queries.
+    """
+    model.eval()
+    weights = tuple(getattr(getattr(model, "config", None), "box_coder_weights", (10.0, 10.0, 5.0, 5.0)))
+    t = queries.table
+    index = np.asarray(index, dtype=np.int64)
+    if len(index) == 0:
+        return [], []
+    # Images in order of detection count, so a chunk's padding to its largest set stays small.
+    size = np.diff(dets.offsets)[t.image_rows[index]]
+    order = index[np.lexsort((t.image_rows[index], size))]
+    img = t.image_rows[order]
+    new_image = np.r_[True, img[1:] != img[:-1]] if len(img) else np.zeros(0, bool)
+    starts = np.flatnonzero(new_image)
+    chunks, s0 = [], 0
+    for s in starts.tolist()[1:] + [len(order)]:
+        if s - s0 >= batch_size or s == len(order):
+            chunks.append(order[s0:s])
+            s0 = s
+    rel: dict[int, np.ndarray] = {}
+    refined: dict[int, np.ndarray] = {}
+    for chunk in (track(chunks, total=len(chunks), description=description) if description else chunks):
+        images, q2u = np.unique(t.image_rows[chunk], return_inverse=True)
+        feats, boxes, spatial, valid, rows = image_tensors(dets, images)
+        mask = torch.from_numpy(valid)
+        words = t.words[chunk]
+        words = torch.from_numpy(words[:, :max(1, int((words != 0).sum(1).max()))].copy())
+        qi = torch.from_numpy(q2u)
+        if hasattr(model, "encode_boxes"):
+            enc = model.encode_boxes(feats, mask)
+            out = model.score_boxes(words, {k: v[qi] for k, v in enc.items()}, mask[qi])
+        else:
+            out = model(words, feats[qi], spatial[qi], mask[qi])
+        for n, q in enumerate(chunk.tolist()):
+            u = int(q2u[n])
+            k = int(valid[u].sum())
+            rel[q] = out["scores"][n, :k].numpy().astype(np.float32)
+            det = boxes[u, :k]
+            if "deltas" in out:
+                h, w = dets.image_sizes[images[u]]
+                box = decode_deltas(out["deltas"][n, :k], torch.from_numpy(det), weights)
+                box[:, 0::2] = box[:, 0::2].clamp(0, float(w))
+                box[:, 1::2] = box[:, 1::2].clamp(0, float(h))
+                refined[q] = box.numpy().astype(np.float32)
+            else:
+                refined[q] = det
+    return [rel[i] for i in index.tolist()], [refined[i] for i in index.tolist()]
+
+
+def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: DetectionSet, iou_threshold: float = 0.5,
+                top_n: int = 100, class_agnostic: bool = False, description: str = "") -> QueryProposals:
+    """Query-aware proposals of every query (``model=None``: confidence-only NMS, r = 1).
+
+    The NMS runs once per image for all its queries (they share the detections); regression-refined boxes
+    replace the kept detections' boxes in the output (the suppression itself uses the detector's boxes).
+    """
+    if top_n < 1:
+        raise UsageError(f"--top-n {top_n}: must be at least 1")
+    if not 0 < iou_threshold <= 1:
+        raise UsageError(f"--nms-threshold {iou_threshold}: must be in (0, 1]")
+    t = queries.table
+    index = np.arange(len(t))
+    t0 = time.perf_counter()
+    if model is not None:
+        rel, refined = relatedness_scores(model, queries, dets, index, description=description)
+    else:
+        rel = [np.ones(int(dets.offsets[r + 1] - dets.offsets[r]), np.float32) for r in t.image_rows]
+        refined = [dets.boxes[dets.rows(int(r))] for r in t.image_rows]
+    t1 = time.perf_counter()
+    order = np.argsort(t.image_rows, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(t.image_rows[order]) != 0]) if len(order) else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(order)]
+    picks: list[np.ndarray] = [np.zeros(0, np.int64)] * len(t)
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        qs = order[s:e]
+        r = int(t.image_rows[qs[0]])
+        sl = dets.rows(r)
+        keep = fused_nms(torch.from_numpy(dets.boxes[sl]), torch.from_numpy(dets.scores[sl]),
+                         torch.from_numpy(np.stack([rel[q] for q in qs])) if len(qs) else torch.zeros(0, 0),
+                         torch.from_numpy(dets.labels[sl]), iou_threshold, top_n, class_agnostic).numpy()
+        for j, q in enumerate(qs.tolist()):
+            picks[q] = keep[j][keep[j] >= 0]
+    t2 = time.perf_counter()
+    counts = np.array([len(p) for p in picks], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    local = np.concatenate(picks) if len(picks) else np.zeros(0, np.int64)
+    q_of = np.repeat(np.arange(len(t)), counts)
+    det_rows = dets.offsets[t.image_rows[q_of]] + local
+    rel_kept = np.array([rel[q][i] for q, i in zip(q_of.tolist(), local.tolist())], dtype=np.float32)
+    boxes = np.array([refined[q][i] for q, i in zip(q_of.tolist(), local.tolist())], dtype=np.float32).reshape(-1, 4)
+    fused = rel_kept * dets.scores[det_rows]
+    return QueryProposals(t.query_ids.copy(), offsets, det_rows, boxes, fused.astype(np.float32), rel_kept,
+                          t1 - t0, t2 - t1)
+
+
+def recall_of(props: QueryProposals, queries: VLNMSQueries, ds: Dataset, ns: tuple[int, ...] = RECALL_NS
+              ) -> dict[str, float]:
+    """Referent and (recorded) context-object recall@N of ``props`` (the design's proposal recall)."""
+    t = queries.table
+    ranked = [props.ranked_boxes(n) for n in range(len(t))]
+    ref_t, ctx_t = [], []
+    for n, qid in enumerate(t.query_ids.tolist()):
+        q = ds.query(int(qid))
+        ref_t.append(ds.object_boxes[[ds.object_row(q.referent_object_id)]])
+        ctx = list(dict.fromkeys(o for mm in q.mentions if mm.role == "context" for o in mm.object_ids))
+        ctx_t.append(ds.object_boxes[[ds.object_row(o) for o in ctx]].reshape(-1, 4))
+    ref = recall_from_ranks(np.concatenate(proposal_hit_ranks(ranked, ref_t, 0.5, max(ns))), ns)
+    ctx_ranks = proposal_hit_ranks(ranked, ctx_t, 0.5, max(ns))
+    ctx = recall_from_ranks(np.concatenate(ctx_ranks) if ctx_ranks else np.zeros(0, np.int64), ns)
+    out = {f"recall@{n}": float(v) for n, v in ref.items()}
+    out.update({f"context_recall@{n}": float(v) for n, v in ctx.items()})
+    return out
+
+
+# -------------------------------------------------------------------------------------- training
+def load_vlnms_run(path: Path) -> LoadedRun:
+    """Load a complete VL-NMS run folder (a missing or interrupted one is a one-line ArtifactError)."""
+    return load_run_folder(path, "vlnms", VLNMSConfig.from_dict, build_relatedness)
+
+
+def _pseudo(dataset: str, cache: Any, use: bool) -> tuple[dict[int, np.ndarray] | None, dict[str, Any]]:
+    if not use:
+        return None, {}
+    from refground.pseudo.vlnms import load_pseudo_vlnms, pseudo_path
+
+    path = pseudo_path(dataset, cache)
+    require(path, "refground pseudo vlnms", check_parents=True)
+    return load_pseudo_vlnms(path), {"pseudo": parent("artifact", path)}
+
+
+def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: VLNMSConfig | None = None,
+                features: str = "detector-default", pseudo: bool = True, seed: int = 0, resume: bool = True,
+                force: bool = False, nms_threshold: float = 0.5) -> dict[str, Any]:
+    """Train the relatedness module on the train split's queries over their images' pre-NMS detections.
+
+    Foreground: the referent plus, with ``pseudo``, the pseudo contextual objects of ``refground pseudo
+    vlnms`` (Table 4 compares both). Keeps the epoch with the best val referent recall@10 of the fused-score
+    NMS (threshold ``nms_threshold``). Skips a complete run with the same fingerprint unless ``force``;
+    resumes an interrupted one. Returns the summary (``run``, ``cache_hit``, ``best_epoch``, ``metrics``...).
+    """
+    t_start = time.perf_counter()
+    config = config or VLNMSConfig()
+    ds_dir = dataset_dir(dataset, cache)
+    f_path = features_path(dataset, cache, features)
+    pseudo_map, pseudo_parent = _pseudo(dataset, cache, pseudo)
+    require(f_path, "refground extract --detections", check_parents=True)
+    out = run_dir(dataset, cache, name)
+    params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("vocab_size", "visual_dim")},
+              "seed": int(seed), "features": features, "pseudo": bool(pseudo), "nms_threshold": float(nms_threshold),
+              "train_split": "train", "select_split": "val"}
+    spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
+                                       **pseudo_parent}, kind="runs/vlnms")
+    result: dict[str, Any] = {"run": str(out), "name": name, "fingerprint": spec.fingerprint, "cache_hit": False}
+    cached = None if force else spec.cached_summary()
+    if cached is not None:
+        result.update(cached, seconds=round(time.perf_counter() - t_start, 3))
+        return result
+    ds = load_dataset(ds_dir)
+    dets = load_detections(ds, f_path)
+    vocab = Vocabulary.build((ds._query_at(k).tokens for k in ds.query_rows("train", "expression")),
+                             min_count=MIN_WORD_COUNT)
+    train_q = encode_vlnms_queries(ds, "train", vocab, pseudo_map, config.max_words)
+    val_q = encode_vlnms_queries(ds, "val", vocab, None, config.max_words)
+    usable = np.flatnonzero(train_q.table.targets >= 0)
+    if len(usable) == 0:
+        raise DataError(f"dataset {dataset}: no train expression with a single referent object")
+    config.vocab_size, config.visual_dim = len(vocab), dets.feature_dim
+    state = spec.begin(config.to_dict(), vocab, resume, force)
+
+    torch.manual_seed(seed)
+    model = build_relatedness(config)
+    model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows)))
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+    set_sizes = np.diff(dets.offsets)[train_q.table.image_rows]
+
+    def batches(rng: np.random.Generator) -> list[np.ndarray]:
+        return bucket_batches(usable, set_sizes[usable], config.batch_size, rng)
+
+    def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+        model.train()
+        b = make_vlnms_batch(train_q, dets, rows, config.box_coder_weights)
+        out_ = model(**b.inputs())
+        return vlnms_loss(out_, b.labels, b.rho, b.targets, b.box_mask, config)["loss"], len(rows)
+
+    def evaluate() -> dict[str, Any]:
+        props = apply_vlnms(model, val_q, dets, nms_threshold, top_n=max(RECALL_NS))
+        return {f"val_{k}": round(v, 5) for k, v in recall_of(props, val_q, ds).items()}
+
+    def lr_at(epoch: int) -> float:
+        if config.lr_decay_epochs and epoch >= config.lr_decay_epochs:
+            return config.lr * 0.1
+        return config.lr
+
+    fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
+             evaluate=evaluate, select="val_recall@10", lr_at=lr_at, state=state,
+             description=f"train vlnms ({config.variant}, {config.loss})")
+    metrics = {"split": "val", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
+    result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
+    return result
+
+
+# ------------------------------------------------------------------------------ proposals files
+def write_proposals(path: Path, props: QueryProposals, dets: DetectionSet, attrs: dict[str, Any]) -> None:
+    """The HDF5 proposal set (:data:`PROPOSALS_FORMAT`) and ``<stem>.jsonl`` ranked boxes beside it::
+
+        queries/ids int64[Q]; proposals/offsets int64[Q + 1]; proposals/boxes float32[P, 4],
+        scores float32[P] (fused r x c), relatedness float32[P], confidence float32[P], labels int32[P],
+        features float16[P, D], detection_rows int64[P]; attrs format, version, top_n, nms_threshold, ...
+    """
+    from refground.eval.predictions import write_predictions
+
+    rows = props.det_rows
+    chunk = {"queries.ids": props.query_ids.astype(np.int64), "proposals.counts": np.diff(props.offsets),
+             "proposals.boxes": props.boxes.astype(np.float32), "proposals.scores": props.fused.astype(np.float32),
+             "proposals.relatedness": props.relatedness.astype(np.float32),
+             "proposals.confidence": dets.scores[rows].astype(np.float32),
+             "proposals.labels": dets.labels[rows].astype(np.int32),
+             "proposals.features": dets.features[rows].astype(np.float16),
+             "proposals.detection_rows": rows.astype(np.int64)}
+    write_h5(path, [chunk], {"format": PROPOSALS_FORMAT, "version": FORMAT_VERSION, **attrs})
+    lines = []
+    for n, qid in enumerate(props.query_ids.tolist()):
+        boxes = props.ranked_boxes(n)
+        if len(boxes):
+            lines.append({"query_id": int(qid), "boxes": boxes.tolist(),
+                          "scores": props.fused[props.offsets[n]:props.offsets[n + 1]].tolist()})
+    write_predictions(path.with_suffix(".jsonl"), lines)
+
+
+def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: tuple[str, ...] = ("val", "testA", "testB"),
+              top_n: int = 100, nms_threshold: float = 0.5, class_agnostic: bool = False,
+              features: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+    """Write (or find current) the query-aware proposals of each split: with ``run`` a trained VL-NMS run,
+    without it confidence-only NMS on the same detections. Returns per split ``{"path", "status", "recall@N"...,
+    "ms_per_image"...}``."""
+    ds_dir = dataset_dir(dataset, cache)
+    parents: dict[str, Any] = {"dataset": parent("dataset", ds_dir)}
+    if run is not None:
+        rpath = run_dir(dataset, cache, run)
+        m = complete_run(rpath, "vlnms")
+        features = features or m.params.get("features", "detector-default")
+        parents["run"] = parent("file", rpath / MODEL_FILE)
+        tag = run
+    else:
+        features = features or "detector-default"
+        tag = CONFIDENCE
+    f_path = features_path(dataset, cache, features)
+    require(f_path, "refground extract --detections", check_parents=True)
+    parents["features"] = parent("artifact", f_path)
+    parent_fps = parent_fingerprints(parents)
+    params = {"top_n": int(top_n), "nms_threshold": float(nms_threshold), "class_agnostic": bool(class_agnostic)}
+    results, todo = [], []
+    for split in splits:
+        path = proposals_path(dataset, cache, tag, split)
+        fp = make_fingerprint(APPLY_STEP, {**params, "split": split}, parent_fps)
+        res = {"split": split, "tag": tag, "path": str(path), "status": "hit"}
+        results.append(res)
+        if force or not is_current(path, fp):
+            todo.append((res, path, split, fp))
+        else:
+            mf = read_manifest_of(path)
+            res.update(mf.extra if mf else {})
+    if not todo:
+        return results
+    ds = load_dataset(ds_dir)
+    dets = load_detections(ds, f_path)
+    loaded = load_vlnms_run(run_dir(dataset, cache, run)) if run is not None else None
+    vocab = loaded.vocab if loaded else Vocabulary.build([["<none>"]])
+    max_words = loaded.config.max_words if loaded else 40
+    for res, path, split, fp in todo:
+        queries = encode_vlnms_queries(ds, split, vocab, None, max_words)
+        props = apply_vlnms(loaded.model if loaded else None, queries, dets, nms_threshold, top_n, class_agnostic,
+                            description=f"vlnms {tag} {split}")
+        figures = recall_of(props, queries, ds)
+        images = len(np.unique(queries.table.image_rows))
+        timing = {"images": images, "queries": len(queries), "score_seconds": round(props.score_seconds, 3),
+                  "nms_seconds": round(props.nms_seconds, 3),
+                  "ms_per_image": round(1000 * (props.score_seconds + props.nms_seconds) / max(1, images), 3),
+                  "threads": torch.get_num_threads()}
+        write_proposals(path, props, dets, {**params, "split": split, "tag": tag})
+        write_manifest(path, step=APPLY_STEP, params={**params, "split": split}, parents=parents, fingerprint=fp,
+                       kind="vlnms", extra={**figures, **timing})
+        res.update(status="written", **figures, **timing)
+    return results

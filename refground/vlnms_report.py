@@ -1,0 +1,219 @@
+"""The VL-NMS tables on the synthetic world (paper Tables 1, 2, 4 and 6) and the recall-against-N plot.
+
+Rows come from artifacts that the pipeline already wrote; nothing is trained here:
+
+* Table 1: referent and context-object recall@N of each proposal set: the detector's own proposals
+  (class-agnostic NMS, top N by confidence; ``features/<name>.h5``), confidence-only per-class NMS on the
+  pre-NMS detections (``vlnms/confidence``) and each VL-NMS run (``vlnms/<run>``).
+* Table 2: CMRIN Precision@1 with ground-truth objects, the detector's top-10, and the top-10 of each
+  proposal set (predictions written and reused like ``refground eval --method cmrin``).
+* Table 4: the same VL-NMS run trained with and without the pseudo ground truth (runs ``<run>`` and
+  ``<run>-nopseudo``).
+* Table 6: seconds per image of the detector (extraction without and with the detection set), of VL-NMS
+  (relatedness + NMS for all the image's queries) and of CMRIN (all the image's queries on 10 proposals).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from refground.data.store import dataset_dir, load_dataset
+from refground.errors import ArtifactError
+
+SPLITS = ("val", "testA", "testB")
+NS = (1, 3, 5, 10, 20, 100)
+RUNS = ("fc-bce", "fc-rank", "trans-bce")
+LABELS = {"detector": "detector NMS (class-agnostic, by confidence)",
+          "confidence": "confidence-only NMS (per class, pre-NMS detections)",
+          "fc-bce": "VL-NMS-FC, BCE", "fc-rank": "VL-NMS-FC, ranking", "trans-bce": "VL-NMS-Trans, BCE + reg",
+          "trans-rank": "VL-NMS-Trans, ranking + reg"}
+
+
+def _label(tag: str) -> str:
+    if tag.endswith("-nopseudo"):
+        return LABELS.get(tag[: -len("-nopseudo")], tag) + ", no pseudo GT"
+    return LABELS.get(tag, tag)
+
+
+def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...] = NS) -> dict[str, float]:
+    """Recall@N of the features artifact's own proposals (the same ranked list for every query of an image)."""
+    from refground.cache import RaggedH5
+    from refground.eval.metrics import proposal_hit_ranks, recall_from_ranks
+
+    with RaggedH5(features_file) as f:
+        boxes = f.table("proposals", "boxes")
+        off = f.offsets["proposals"]
+    pos = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
+    ranked, ref, ctx = [], [], []
+    for k in ds.query_rows(split, "expression").tolist():
+        q = ds._query_at(k)
+        r = pos[q.image_id]
+        ranked.append(boxes[off[r]:off[r + 1]][: max(ns)])
+        ref.append(ds.object_boxes[[ds.object_row(q.referent_object_id)]])
+        c = list(dict.fromkeys(o for m in q.mentions if m.role == "context" for o in m.object_ids))
+        ctx.append(ds.object_boxes[[ds.object_row(o) for o in c]].reshape(-1, 4))
+    out = {f"recall@{n}": float(v) for n, v in
+           recall_from_ranks(np.concatenate(proposal_hit_ranks(ranked, ref, 0.5, max(ns))), ns).items()}
+    cr = proposal_hit_ranks(ranked, ctx, 0.5, max(ns))
+    out.update({f"context_recall@{n}": float(v) for n, v in
+                recall_from_ranks(np.concatenate(cr) if cr else np.zeros(0, np.int64), ns).items()})
+    return out
+
+
+def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...] | None = None,
+                 cmrin_run: str = "cmrin", features: str = "detector-default", top_n: int = 10,
+                 splits: tuple[str, ...] = SPLITS, timing_images: int = 64) -> dict[str, Any]:
+    """All four tables as dicts of rows, plus ``markdown``. A VL-NMS run without proposals for a split gets
+    them written (``refground vlnms`` defaults); a missing run is left out with a note."""
+    from refground.eval.evaluate import comprehension_of
+    from refground.features.pipeline import features_path
+    from refground.models.cmrin_run import VLNMS_PREFIX, predict_cmrin_many
+    from refground.models.vlnms_run import CONFIDENCE, run_dir, run_vlnms
+
+    ds = load_dataset(dataset_dir(dataset, cache))
+    candidates = list(runs) if runs is not None else [
+        r for r in (*RUNS, *(f"{x}-nopseudo" for x in RUNS)) if (run_dir(dataset, cache, r) / "model.pt").is_file()]
+    if not candidates:
+        raise ArtifactError("no VL-NMS runs to compare; train them with `refground train vlnms --variant fc|trans "
+                            "--loss bce|rank`")
+    notes: list[str] = []
+    recall: dict[str, dict[str, dict[str, float]]] = {"detector": {}}
+    f_default = features_path(dataset, cache, features)
+    for split in splits:
+        recall["detector"][split] = detector_recall(ds, f_default, split)
+    seconds: dict[str, float] = {}
+    for tag in (CONFIDENCE, *candidates):
+        res = run_vlnms(dataset, cache, None if tag == CONFIDENCE else tag, splits,
+                        features=None if tag != CONFIDENCE else _run_features(dataset, cache, candidates[0]))
+        recall[tag] = {r["split"]: {k: v for k, v in r.items() if "recall@" in k} for r in res}
+        seconds[tag] = float(np.mean([r.get("ms_per_image", np.nan) for r in res]))
+    # Table 2: CMRIN on each candidate set.
+    jobs = [(s, "gt", 0) for s in splits] + [(s, "proposals", top_n) for s in splits]
+    jobs += [(s, VLNMS_PREFIX + tag, top_n) for tag in (CONFIDENCE, *candidates) for s in splits]
+    precision: dict[str, dict[str, float]] = {}
+    cmrin_ms: list[float] = []
+    for (split, source, _), res in zip(jobs, predict_cmrin_many(dataset, cache, cmrin_run, jobs)):
+        key = {"gt": "ground truth", "proposals": "detector"}.get(source, source[len(VLNMS_PREFIX):])
+        precision.setdefault(key, {})[split] = comprehension_of(ds, res["path"], split)["all"]["precision@1"]
+        if source != "gt":
+            cmrin_ms.append(float(res.get("ms_per_query", np.nan)))
+    timing = measure_times(dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
+                           timing_images)
+    out = {"recall": recall, "precision": precision, "timing": timing, "runs": candidates, "notes": notes,
+           "labels": {k: _label(k) for k in recall}}
+    out["markdown"] = render_markdown(out, splits)
+    return out
+
+
+def _run_features(dataset: str, cache: Any, run: str) -> str:
+    from refground.models.vlnms_run import run_dir
+    from refground.train import read_json
+
+    m = read_json(run_dir(dataset, cache, run) / "manifest.json") or {}
+    return m.get("params", {}).get("features", "detector-default")
+
+
+def measure_times(dataset: str, cache: Any, features: str, vlnms_ms: dict[str, float], cmrin_ms: list[float],
+                  images: int = 64) -> dict[str, Any]:
+    """Table 6: milliseconds per image of the detector on ``images`` images (plain proposals, and with the
+    pre-NMS detection set), of VL-NMS (from the proposal manifests) and of CMRIN (per query x queries per image)."""
+    import torch
+
+    from refground.data.store import image_path
+    from refground.features.base import read_image
+    from refground.features.detector import BuiltinDetector
+    from refground.features.pipeline import features_path
+    from refground.train import read_json
+
+    ds = load_dataset(dataset_dir(dataset, cache))
+    mf = read_json(Path(str(features_path(dataset, cache, features)) + ".manifest.json")) or {}
+    ckpt = (mf.get("parents", {}).get("detector") or {}).get("path")
+    if not ckpt:
+        raise ArtifactError(f"features {features}: no built-in detector recorded; Table 6 times the built-in detector")
+    det = BuiltinDetector.load(ckpt)
+    ids = [int(i) for i in ds.image_ids[:images]]
+    imgs = [read_image(image_path(ds, i)) for i in ids]
+    threshold = float(mf.get("params", {}).get("detections", 0.05) or 0.05)
+
+    def best(fn: Any) -> float:
+        fn()  # warm-up
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            runs.append(time.perf_counter() - t0)
+        return 1000 * min(runs) / len(imgs)
+
+    with torch.no_grad():
+        plain = best(lambda: det.propose(imgs, ids, 100))
+        both = best(lambda: det.propose_with_detections(imgs, ids, 100, threshold))
+    q_per_image = len(ds.query_rows("all", "expression")) / max(1, ds.num_images)
+    vl = {k: v for k, v in vlnms_ms.items()}
+    return {"images": len(imgs), "threads": torch.get_num_threads(), "detector_ms": round(plain, 3),
+            "detector_with_detections_ms": round(both, 3), "vlnms_ms": {k: round(v, 3) for k, v in vl.items()},
+            "cmrin_ms": round(float(np.nanmean(cmrin_ms)) * q_per_image, 3) if cmrin_ms else None,
+            "queries_per_image": round(q_per_image, 2),
+            "overhead": {k: round((both - plain + v) / plain, 4) for k, v in vl.items()}}
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
+
+
+def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
+    lines = ["### Table 1: recall of the referent and of context objects (%)", ""]
+    for split in splits:
+        lines += [f"**{split}**", "", "| proposals | " + " | ".join(f"R@{n}" for n in NS) + " | "
+                  + " | ".join(f"ctx R@{n}" for n in NS) + " |", "|---" * (2 * len(NS) + 1) + "|"]
+        for tag, per in t["recall"].items():
+            r = per.get(split, {})
+            lines.append(f"| {t['labels'][tag]} | " + " | ".join(_pct(r.get(f"recall@{n}")) for n in NS) + " | "
+                         + " | ".join(_pct(r.get(f"context_recall@{n}")) for n in NS) + " |")
+        lines.append("")
+    lines += ["### Table 2: CMRIN Precision@1 (%) with each candidate set (top 10)", "",
+              "| candidates | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    for key, per in t["precision"].items():
+        lines.append(f"| {t['labels'].get(key, key)} | " + " | ".join(_pct(per.get(s)) for s in splits) + " |")
+    base = [r for r in t["runs"] if f"{r}-nopseudo" in t["runs"]]
+    if base:
+        lines += ["", "### Table 4: with and without pseudo ground truth", "",
+                  "| run | " + " | ".join(f"{s} R@10" for s in splits) + " | " + " | ".join(f"{s} ctx R@10" for s in splits)
+                  + " | " + " | ".join(f"{s} CMRIN P@1" for s in splits) + " |", "|---" * (3 * len(splits) + 1) + "|"]
+        for r in base:
+            for tag in (r, f"{r}-nopseudo"):
+                rec = t["recall"][tag]
+                lines.append(f"| {t['labels'][tag]} | " + " | ".join(_pct(rec[s].get("recall@10")) for s in splits)
+                             + " | " + " | ".join(_pct(rec[s].get("context_recall@10")) for s in splits) + " | "
+                             + " | ".join(_pct(t["precision"].get(tag, {}).get(s)) for s in splits) + " |")
+    tm = t["timing"]
+    lines += ["", f"### Table 6: milliseconds per image ({tm['images']} images, {tm['threads']} threads, "
+              f"{tm['queries_per_image']} queries per image)", "",
+              "| stage | ms per image | extra over the detector |", "|---|---|---|",
+              f"| detector (plain proposals) | {tm['detector_ms']:.2f} | - |",
+              f"| detector + pre-NMS detection set | {tm['detector_with_detections_ms']:.2f} | "
+              f"{100 * (tm['detector_with_detections_ms'] / tm['detector_ms'] - 1):.1f}% |"]
+    for tag, ms in tm["vlnms_ms"].items():
+        lines.append(f"| {t['labels'].get(tag, tag)} (scoring + NMS) | {ms:.2f} | "
+                     f"{100 * tm['overhead'][tag]:.1f}% (with the detection set) |")
+    if tm.get("cmrin_ms") is not None:
+        lines.append(f"| CMRIN (10 candidates, all queries) | {tm['cmrin_ms']:.2f} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def recall_plot(t: dict[str, Any], split: str, path: Path) -> Path:
+    """Referent recall against N for every proposal set on ``split``, as a PNG."""
+    from refground.atomic import atomic_file
+    from refground.plots import line_chart
+
+    xs = [float(np.log10(n)) for n in NS]  # N spans 1..100: a log axis keeps the small N readable
+    series = {t["labels"][tag]: (xs, [100 * per[split][f"recall@{n}"] for n in NS])
+              for tag, per in t["recall"].items() if split in per}
+    img = line_chart(series, f"referent recall@N, {split} (N = 1, 3, 5, 10, 20, 100)", "log10 N", "recall (%)",
+                     size=(720, 420))
+    with atomic_file(Path(path), "wb") as fh:
+        img.save(fh, format="PNG")
+    return Path(path)
