@@ -36,6 +36,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
 CURVE_FILE = "curve.json"
 METRICS_FILE = "metrics.json"
+VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
 STEP_LOG_EVERY = 20
 
@@ -107,7 +108,7 @@ def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[st
     model = build(config)
     model.load_state_dict(load_weights(path / MODEL_FILE))
     model.eval()
-    return LoadedRun(path, model, Vocabulary.load(path / "vocab.json"), config, m.params, m.fingerprint)
+    return LoadedRun(path, model, Vocabulary.load(path / VOCAB_FILE), config, m.params, m.fingerprint)
 
 
 def epoch_rng(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -165,7 +166,7 @@ class RunSpec:
         state = self.resumable_state() if resume and not force else None
         self.mark(complete=False)
         write_json(self.out_dir / CONFIG_FILE, config)
-        vocab.save(self.out_dir / "vocab.json")
+        vocab.save(self.out_dir / VOCAB_FILE)
         return state
 
     def finish(self, fr: "FitResult", epochs: int, items: int, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -68,7 +68,8 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
                  cmrin_run: str = "cmrin", features: str = "detector-default", top_n: int = 10,
                  splits: tuple[str, ...] = SPLITS, timing_images: int = 64) -> dict[str, Any]:
     """All four tables as dicts of rows, plus ``markdown``. A VL-NMS run without proposals for a split gets
-    them written (``refground vlnms`` defaults); a missing run is left out with a note."""
+    them written (``refground vlnms`` defaults); a run named in ``runs`` that does not exist is a one-line
+    ArtifactError naming `refground train vlnms`."""
     from refground.eval.evaluate import comprehension_of
     from refground.features.pipeline import features_path
     from refground.models.cmrin_run import VLNMS_PREFIX, predict_cmrin_many
@@ -80,7 +81,6 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
     if not candidates:
         raise ArtifactError("no VL-NMS runs to compare; train them with `refground train vlnms --variant fc|trans "
                             "--loss bce|rank`")
-    notes: list[str] = []
     recall: dict[str, dict[str, dict[str, float]]] = {"detector": {}}
     f_default = features_path(dataset, cache, features)
     for split in splits:
@@ -103,7 +103,7 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
             cmrin_ms.append(float(res.get("ms_per_query", np.nan)))
     timing = measure_times(dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
                            timing_images)
-    out = {"recall": recall, "precision": precision, "timing": timing, "runs": candidates, "notes": notes,
+    out = {"recall": recall, "precision": precision, "timing": timing, "runs": candidates,
            "labels": {k: _label(k) for k in recall}}
     out["markdown"] = render_markdown(out, splits)
     return out

@@ -34,7 +34,6 @@ from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures,
 
 STEP = "train.cmrin@1"
 PREDICT_STEP = "predict.cmrin@1"
-VOCAB_FILE = "vocab.json"
 EVAL_BATCH = 256
 
 

@@ -49,7 +49,6 @@ APPLY_STEP = "vlnms@1"
 PROPOSALS_FORMAT = "refground-vlnms-proposals"
 FORMAT_VERSION = 1
 CONFIDENCE = "confidence"  # the tag of confidence-only NMS on the detection set (no run may take it)
-VOCAB_FILE = "vocab.json"
 SCORE_BATCH = 256
 MIN_WORD_COUNT = 2  # Sec. 4.1: words seen fewer than 2 times in train are "unk"
 
