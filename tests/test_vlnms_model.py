@@ -132,6 +132,7 @@ def test_fc_matches_per_box_per_word_loop(attention_dim):
     """Eqs. 1-2 with explicit concatenations, one box and one word at a time."""
     model: RelatednessFC = make_model("fc", attention_dim=attention_dim).eval()
     words, features, spatial, box_mask = inputs(1)
+    box_half = torch.randn(features.shape[-1])  # u_v . v^a_i for some box-dependent v^a_i
     with torch.no_grad():
         out = model(words, features, spatial, box_mask)
         w = model.text(words)
@@ -142,13 +143,15 @@ def test_fc_matches_per_box_per_word_loop(attention_dim):
                 if not box_mask[b, i]:
                     continue
                 v = (features[b, i] - std.feature_mean) / std.feature_std
-                va = model.mlp_a(v)
                 a = []
                 for j in range(n_words):
-                    s = model.fc_s(torch.cat([va, w[b, j]]))
                     if attention_dim:
-                        s = model.fc_u(torch.tanh(s))
-                    a.append(s[0])
+                        s = model.fc_u(torch.tanh(model.fc_s(torch.cat([model.mlp_a(v), w[b, j]]))))
+                    else:
+                        # The literal FC_s on [v^a_i; w_j] with an arbitrary box half (u_v . v^a_i, v^a_i any
+                        # box-dependent vector): it must cancel in the softmax over the words.
+                        s = (box_half * v).sum() + model.fc_s(w[b, j])
+                    a.append(s.reshape(-1)[0])
                 alpha = torch.softmax(torch.stack(a), 0)                                     # eq. 1
                 q = sum(alpha[j] * w[b, j] for j in range(n_words))
                 m = model.mlp_b(v) * q

@@ -213,6 +213,8 @@ class RelatednessFC(nn.Module):
     """VL-NMS-FC (eqs. 1-2).
 
     v^a_i = MLP_a(v_i);  a_ij = FC_s([v^a_i; w_j]);  alpha_ij = softmax_j(a_ij);  q_i = sum_j alpha_ij w_j   (eq. 1)
+    (with ``attention_dim=0``, the literal single-layer FC_s, the v^a_i term cancels in the softmax: alpha and
+    q are computed once per query from the word half of FC_s, and MLP_a is not built)
     v^b_i = MLP_b(v_i);  m_i = L2Norm(v^b_i * q_i);  r_i = sigmoid(FC_r(m_i))                               (eq. 2)
 
     forward(words: LongTensor[B, T] (0 = padding, left-aligned), features: Tensor[B, K, D] region features,
@@ -227,14 +229,17 @@ class RelatednessFC(nn.Module):
         q = 2 * c.gru_hidden
         self.standardise = _Standardise(c.visual_dim)
         self.text = TextEncoder(c.vocab_size, c.word_dim, c.gru_hidden)
-        self.mlp_a = _mlp([c.visual_dim, c.mlp_dim, q])                                   # MLP_a
         self.mlp_b = _mlp([c.visual_dim, c.mlp_dim, q])                                   # MLP_b
         if c.attention_dim:
+            self.mlp_a = _mlp([c.visual_dim, c.mlp_dim, q])                               # MLP_a
             self.fc_s = nn.Linear(2 * q, c.attention_dim)                                 # FC_s: W, then u
             # No bias on the last layer (nor on the single FC below): softmax_j cancels it.
             self.fc_u = nn.Linear(c.attention_dim, 1, bias=False)
         else:
-            self.fc_s = nn.Linear(2 * q, 1, bias=False)
+            # Eq. 1 literally: FC_s([v^a_i; w_j]) = u_v . v^a_i + u_w . w_j, and softmax over j cancels the
+            # first term, so neither MLP_a nor u_v can change alpha; only the word half of FC_s is built.
+            self.mlp_a = None
+            self.fc_s = nn.Linear(q, 1, bias=False)
             self.fc_u = None
         self.fc_r = nn.Linear(q, 1)                                                       # FC_r
         self.drop = nn.Dropout(c.dropout)
@@ -244,11 +249,15 @@ class RelatednessFC(nn.Module):
         self.standardise.set_feature_stats(mean, std)
 
     def encode_boxes(self, features: Tensor, box_mask: Tensor) -> dict[str, Tensor]:
-        """The query-independent half: v^a = MLP_a(v) and v^b = MLP_b(v), Tensor[B, K, q] each. Queries on the
+        """The query-independent half: v^b = MLP_b(v) and, with the additive attention, v^a = MLP_a(v),
+        Tensor[B, K, q] each (keys "vb", "va"). Queries on the
         same image share it (:meth:`score_boxes` takes it indexed by query), which is what makes applying
         VL-NMS to all the queries of an image cost little more than one."""
         x = self.drop(self.standardise(features, box_mask))
-        return {"va": self.mlp_a(x), "vb": self.mlp_b(x)}
+        out = {"vb": self.mlp_b(x)}
+        if self.mlp_a is not None:
+            out["va"] = self.mlp_a(x)
+        return out
 
     def score_boxes(self, words: Tensor, boxes: dict[str, Tensor], box_mask: Tensor) -> dict[str, Tensor]:
         """Eqs. 1-2 for encoded boxes (:meth:`encode_boxes`, one row per query)."""
@@ -257,17 +266,22 @@ class RelatednessFC(nn.Module):
         # A query without words attends uniformly over zero vectors (q_i = 0) instead of a 0/0 softmax.
         word_mask = word_mask | ~word_mask.any(1, keepdim=True)
         w = self.text(words)                                                              # [B, T, q]
-        va = boxes["va"]                                                                  # [B, K, q]
-        # FC_s on [v^a_i; w_j] without materialising the concatenation: W [v; w] = W_v v + W_w w.
-        wv, ww = self.fc_s.weight[:, :q_dim], self.fc_s.weight[:, q_dim:]
-        pre = (va @ wv.T)[:, :, None, :] + (w @ ww.T)[:, None, :, :]                      # [B, K, T, A|1]
-        if self.fc_s.bias is not None:
-            pre = pre + self.fc_s.bias
-        a = (self.fc_u(torch.tanh(pre)) if self.fc_u is not None else pre).squeeze(-1)  # [B, K, T]
-        a = a.masked_fill(~word_mask[:, None, :], float("-inf"))
-        alpha = torch.softmax(a, dim=-1)                                                  # eq. 1
-        alpha = alpha * box_mask[..., None].to(alpha.dtype)
-        q = alpha @ w                                                                     # [B, K, q]
+        if self.fc_u is None:
+            # The box-independent attention of the literal eq. 1: one alpha and one q per query.
+            a = (w @ self.fc_s.weight.T).squeeze(-1).masked_fill(~word_mask, float("-inf"))  # [B, T]
+            alpha_q = torch.softmax(a, dim=-1)                                            # eq. 1
+            q = torch.bmm(alpha_q[:, None, :], w)                                         # [B, 1, q]
+            alpha = alpha_q[:, None, :] * box_mask[..., None].to(alpha_q.dtype)           # [B, K, T]
+        else:
+            va = boxes["va"]                                                              # [B, K, q]
+            # FC_s on [v^a_i; w_j] without materialising the concatenation: W [v; w] = W_v v + W_w w.
+            wv, ww = self.fc_s.weight[:, :q_dim], self.fc_s.weight[:, q_dim:]
+            pre = (va @ wv.T)[:, :, None, :] + (w @ ww.T)[:, None, :, :] + self.fc_s.bias  # [B, K, T, A]
+            a = self.fc_u(torch.tanh(pre)).squeeze(-1)                                    # [B, K, T]
+            a = a.masked_fill(~word_mask[:, None, :], float("-inf"))
+            alpha = torch.softmax(a, dim=-1)                                              # eq. 1
+            alpha = alpha * box_mask[..., None].to(alpha.dtype)
+            q = alpha @ w                                                                 # [B, K, q]
         m = F.normalize(boxes["vb"] * q, dim=-1)                                          # eq. 2
         logits = self.fc_r(self.drop(m)).squeeze(-1)
         logits = torch.where(box_mask, logits, torch.zeros_like(logits))
