@@ -213,7 +213,7 @@ def recall_plot(t: dict[str, Any], split: str, path: Path) -> Path:
     series = {t["labels"][tag]: (xs, [100 * per[split][f"recall@{n}"] for n in NS])
               for tag, per in t["recall"].items() if split in per}
     img = line_chart(series, f"referent recall@N, {split} (N = 1, 3, 5, 10, 20, 100)", "log10 N", "recall (%)",
-                     size=(720, 420))
+                     size=(720, 480), y_range=(0.0, 100.0))
     with atomic_file(Path(path), "wb") as fh:
         img.save(fh, format="PNG")
     return Path(path)
