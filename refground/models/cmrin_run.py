@@ -216,7 +216,7 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
                        ) -> list[dict[str, Any]]:
     """:func:`predict_cmrin` for several ``(split, source, top_n)`` at once: the run, the dataset and each
     candidate set are loaded once, and only when some predictions file is missing or stale."""
-    from refground.cache.manifest import parent_fingerprints
+    from refground.cache.manifest import parent_fingerprints, read_manifest_of
     from refground.eval.predictions import write_predictions
 
     out = run_dir(dataset, cache, name)
@@ -242,6 +242,9 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
                         "status": "hit"})
         if force or not is_current(path, fp):
             todo.append((results[-1], path, params, fp))
+        else:
+            m = read_manifest_of(path)
+            results[-1].update(m.extra if m else {})
     if not todo:
         return results
     run = load_run(out)
