@@ -9,8 +9,8 @@ import typer
 
 from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
-from refground.errors import UsageError
+from refground.cli.options import (CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, config_from,
+                                   training_overrides)
 
 FeaturesOpt = Annotated[str, typer.Option("--features", help="Features artifact to read (features/<name>.h5, with "
                                           "its graph artifact graph/<name>.h5).")]
@@ -52,21 +52,10 @@ def train_cmrin_command(
     from refground.models.cmrin import CMRINConfig, variant_config
     from refground.models.cmrin_run import train_cmrin
 
-    overrides = {k: v for k, v in {"layers": layers, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                                   "lr_decay_epochs": lr_decay_epochs}.items() if v is not None}
-    for key in ("epochs", "batch_size"):
-        if key in overrides and overrides[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} {overrides[key]}: must be at least 1")
-    if overrides.get("lr_decay_epochs", 0) < 0:
-        raise UsageError(f"--lr-decay-epochs {lr_decay_epochs}: must be at least 0")
-    if "lr" in overrides and not overrides["lr"] > 0:
-        raise UsageError(f"--lr {lr}: must be positive")
+    overrides = training_overrides(layers=layers, epochs=epochs, batch_size=batch_size, lr=lr,
+                                   lr_decay_epochs=lr_decay_epochs)
     if config_file is not None:
-        base = read_config_file(config_file, "CMRIN config")
-        try:
-            config = CMRINConfig.from_dict({**base, **overrides})
-        except TypeError as exc:
-            raise UsageError(f"{config_file}: {exc}") from None
+        config = config_from(CMRINConfig.from_dict, config_file, "CMRIN config", overrides)
     else:
         config = variant_config(variant, **overrides)
     run_name = name or variant

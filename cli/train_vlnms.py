@@ -9,7 +9,8 @@ import typer
 
 from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
+from refground.cli.options import (CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, config_from,
+                                   training_overrides)
 from refground.errors import UsageError
 
 
@@ -52,20 +53,10 @@ def train_vlnms_command(
     from refground.models.vlnms import VLNMSConfig
     from refground.models.vlnms_run import train_vlnms
 
-    overrides = {k: v for k, v in {"variant": variant, "loss": loss, "epochs": epochs, "batch_size": batch_size,
-                                   "lr": lr}.items() if v is not None}
-    for key in ("epochs", "batch_size"):
-        if key in overrides and overrides[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} {overrides[key]}: must be at least 1")
-    if "lr" in overrides and not overrides["lr"] > 0:
-        raise UsageError(f"--lr {lr}: must be positive")
+    overrides = training_overrides(variant=variant, loss=loss, epochs=epochs, batch_size=batch_size, lr=lr)
     if not 0 < nms_threshold <= 1:
         raise UsageError(f"--nms-threshold {nms_threshold}: must be in (0, 1]")
-    base = read_config_file(config_file, "VL-NMS config") if config_file is not None else {}
-    try:
-        config = VLNMSConfig.from_dict({**base, **overrides})
-    except TypeError as exc:
-        raise UsageError(f"{config_file}: {exc}") from None
+    config = config_from(VLNMSConfig.from_dict, config_file, "VL-NMS config", overrides)
     run_name = name or f"{config.variant}-{config.loss}" + ("" if pseudo else "-nopseudo")
     result = train_vlnms(dataset, cache, run_name, config, features=features, pseudo=pseudo, seed=seed,
                          resume=resume, force=force, nms_threshold=nms_threshold)

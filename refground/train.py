@@ -66,6 +66,13 @@ def load_weights(path: Path) -> dict[str, Any]:
     return torch.load(Path(path), map_location="cpu", weights_only=True)
 
 
+def step_decay(lr: float, decay_epochs: int) -> Callable[[int], float]:
+    """``lr_at(epoch)`` for :func:`fit`: ``lr``, divided by 10 from epoch ``decay_epochs`` on (0: never)."""
+    def lr_at(epoch: int) -> float:
+        return lr * 0.1 if decay_epochs and epoch >= decay_epochs else lr
+    return lr_at
+
+
 def complete_run(path: Path, method: str) -> Any:
     """The manifest of a complete run folder of ``method`` with its config and weights, else a one-line
     ArtifactError naming ``refground train <method> --name <run>``."""

@@ -42,26 +42,15 @@ def _label(tag: str) -> str:
 def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...] = NS) -> dict[str, float]:
     """Recall@N of the features artifact's own proposals (the same ranked list for every query of an image)."""
     from refground.cache import RaggedH5
-    from refground.eval.metrics import proposal_hit_ranks, recall_from_ranks
+    from refground.models.vlnms_run import ranked_recall
 
     with RaggedH5(features_file) as f:
         boxes = f.table("proposals", "boxes")
         off = f.offsets["proposals"]
-    pos = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
-    ranked, ref, ctx = [], [], []
-    for k in ds.query_rows(split, "expression").tolist():
-        q = ds._query_at(k)
-        r = pos[q.image_id]
-        ranked.append(boxes[off[r]:off[r + 1]][: max(ns)])
-        ref.append(ds.object_boxes[[ds.object_row(q.referent_object_id)]])
-        c = list(dict.fromkeys(o for m in q.mentions if m.role == "context" for o in m.object_ids))
-        ctx.append(ds.object_boxes[[ds.object_row(o) for o in c]].reshape(-1, 4))
-    out = {f"recall@{n}": float(v) for n, v in
-           recall_from_ranks(np.concatenate(proposal_hit_ranks(ranked, ref, 0.5, max(ns))), ns).items()}
-    cr = proposal_hit_ranks(ranked, ctx, 0.5, max(ns))
-    out.update({f"context_recall@{n}": float(v) for n, v in
-                recall_from_ranks(np.concatenate(cr) if cr else np.zeros(0, np.int64), ns).items()})
-    return out
+    rows = ds.query_rows(split, "expression")
+    image_rows = [ds.image_row(int(i)) for i in ds.query_image_ids[rows].tolist()]
+    ranked = [boxes[off[r]:off[r + 1]][: max(ns)] for r in image_rows]
+    return ranked_recall(ds, ds.query_ids[rows], ranked, ns)
 
 
 def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...] | None = None,
@@ -101,7 +90,7 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
         precision.setdefault(key, {})[split] = comprehension_of(ds, res["path"], split)["all"]["precision@1"]
         if source.startswith(VLNMS_PREFIX):  # Table 6 times CMRIN on query-aware proposals
             cmrin_ms.append(float(res.get("ms_per_query", np.nan)))
-    timing = measure_times(dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
+    timing = measure_times(ds, dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
                            timing_images)
     out = {"recall": recall, "precision": precision, "timing": timing, "runs": candidates,
            "labels": {k: _label(k) for k in recall}}
@@ -110,15 +99,15 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
 
 
 def _run_features(dataset: str, cache: Any, run: str) -> str:
+    from refground.cache.manifest import read_manifest_of
     from refground.models.vlnms_run import run_dir
-    from refground.train import read_json
 
-    m = read_json(run_dir(dataset, cache, run) / "manifest.json") or {}
-    return m.get("params", {}).get("features", "detector-default")
+    m = read_manifest_of(run_dir(dataset, cache, run))
+    return (m.params if m else {}).get("features", "detector-default")
 
 
-def measure_times(dataset: str, cache: Any, features: str, vlnms_ms: dict[str, float], cmrin_ms: list[float],
-                  images: int = 64) -> dict[str, Any]:
+def measure_times(ds: Any, dataset: str, cache: Any, features: str, vlnms_ms: dict[str, float],
+                  cmrin_ms: list[float], images: int = 64) -> dict[str, Any]:
     """Table 6: milliseconds per image of the detector on ``images`` images (plain proposals, and with the
     pre-NMS detection set), of VL-NMS (from the proposal manifests) and of CMRIN (per query x queries per image)."""
     import torch
@@ -126,18 +115,17 @@ def measure_times(dataset: str, cache: Any, features: str, vlnms_ms: dict[str, f
     from refground.data.store import image_path
     from refground.features.base import read_image
     from refground.features.detector import BuiltinDetector
+    from refground.cache.manifest import read_manifest_of
     from refground.features.pipeline import features_path
-    from refground.train import read_json
 
-    ds = load_dataset(dataset_dir(dataset, cache))
-    mf = read_json(Path(str(features_path(dataset, cache, features)) + ".manifest.json")) or {}
-    ckpt = (mf.get("parents", {}).get("detector") or {}).get("path")
+    mf = read_manifest_of(features_path(dataset, cache, features))
+    ckpt = mf.parents["detector"].path if mf and "detector" in mf.parents else None
     if not ckpt:
         raise ArtifactError(f"features {features}: no built-in detector recorded; Table 6 times the built-in detector")
     det = BuiltinDetector.load(ckpt)
     ids = [int(i) for i in ds.image_ids[:images]]
     imgs = [read_image(image_path(ds, i)) for i in ids]
-    threshold = float(mf.get("params", {}).get("detections", 0.05) or 0.05)
+    threshold = float(mf.params.get("detections", 0.05) or 0.05)
 
     def timed(fn: Any) -> float:
         t0 = time.perf_counter()
@@ -155,12 +143,11 @@ def measure_times(dataset: str, cache: Any, features: str, vlnms_ms: dict[str, f
                 runs["both"].append(b)
         plain, both = (1000 * min(runs[k]) / len(imgs) for k in ("plain", "both"))
     q_per_image = len(ds.query_rows("all", "expression")) / max(1, ds.num_images)
-    vl = {k: v for k, v in vlnms_ms.items()}
     return {"images": len(imgs), "threads": torch.get_num_threads(), "detector_ms": round(plain, 3),
-            "detector_with_detections_ms": round(both, 3), "vlnms_ms": {k: round(v, 3) for k, v in vl.items()},
+            "detector_with_detections_ms": round(both, 3), "vlnms_ms": {k: round(v, 3) for k, v in vlnms_ms.items()},
             "cmrin_ms": round(float(np.nanmedian(cmrin_ms)) * q_per_image, 3) if cmrin_ms else None,
             "queries_per_image": round(q_per_image, 2),
-            "overhead": {k: round((both - plain + v) / plain, 4) for k, v in vl.items()}}
+            "overhead": {k: round((both - plain + v) / plain, 4) for k, v in vlnms_ms.items()}}
 
 
 def _pct(v: Any) -> str:

@@ -89,8 +89,7 @@ def _real_world(cache: str) -> tuple[CandidateSet, QueryTable, QueryTable, int, 
         cands = load_candidates(ds, f_path, "gt", graph_file=g_path)  # checks both artifacts are current
     except (RefgroundError, OSError):
         return None
-    vocab = Vocabulary.build((ds._query_at(k).tokens for k in ds.query_rows("train", "expression")),
-                             min_count=CMRINConfig().min_word_count)
+    vocab = Vocabulary.of_split(ds, "train", CMRINConfig().min_word_count)
     tables = []
     for split in ("train", "val"):
         q = encode_queries(ds, split, vocab)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
@@ -325,11 +326,13 @@ def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray, flip
                  torch.from_numpy(valid), torch.from_numpy(queries.targets[index].copy()), index)
 
 
-def feature_stats(cands: CandidateSet, image_rows: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and standard deviation of the candidate features of ``image_rows``."""
+def feature_stats(cands: Any, image_rows: np.ndarray, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation of the features of ``image_rows`` (rows of anything flat with
+    ``offsets``, ``features`` and ``feature_dim``: a :class:`CandidateSet`, VL-NMS's detection set), over their
+    first ``limit`` rows when given."""
     rows = np.concatenate([np.arange(cands.offsets[r], cands.offsets[r + 1]) for r in image_rows]) \
         if len(image_rows) else np.zeros(0, np.int64)
-    x = cands.features[rows].astype(np.float64)
+    x = cands.features[rows[:limit]].astype(np.float64)
     if len(x) == 0:
         return torch.zeros(cands.feature_dim), torch.ones(cands.feature_dim)
     return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))

@@ -30,7 +30,7 @@ from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
-                             fit, load_run_folder)
+                             fit, load_run_folder, step_decay)
 
 STEP = "train.cmrin@1"
 PREDICT_STEP = "predict.cmrin@1"
@@ -95,10 +95,6 @@ def _gt_hits(model: CMRIN, queries: QueryTable, cands: CandidateSet) -> np.ndarr
     return best == queries.targets
 
 
-def _complete_run(path: Path) -> Any:
-    return complete_run(path, "cmrin")
-
-
 def load_run(path: Path) -> LoadedRun:
     """Load a complete CMRIN run folder (refuses an interrupted or missing one with a one-line error)."""
     return load_run_folder(path, "cmrin", CMRINConfig.from_dict, CMRIN)
@@ -129,8 +125,7 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
         return result
     ds = load_dataset(ds_dir)
     cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
-    vocab = Vocabulary.build((ds._query_at(k).tokens for k in ds.query_rows("train", "expression")),
-                             min_count=config.min_word_count)
+    vocab = Vocabulary.of_split(ds, "train", config.min_word_count)
     train_q = encode_queries(ds, "train", vocab)
     val_q = encode_queries(ds, "val", vocab)
     usable = np.flatnonzero(train_q.targets >= 0)
@@ -164,13 +159,8 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
         kinds = [val_q.kinds[i] for i in np.flatnonzero(val_ok)]
         return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, kinds).items()}
 
-    def lr_at(epoch: int) -> float:
-        if config.lr_decay_epochs and epoch >= config.lr_decay_epochs:
-            return config.lr * 0.1
-        return config.lr
-
     fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
-             evaluate=evaluate, select="val_precision@1", lr_at=lr_at, state=state, description="train cmrin")
+             evaluate=evaluate, select="val_precision@1", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state, description="train cmrin")
     metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
     result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
     return result
@@ -220,7 +210,7 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     from refground.eval.predictions import write_predictions
 
     out = run_dir(dataset, cache, name)
-    m = _complete_run(out)
+    m = complete_run(out, "cmrin")
     ds_dir, f_path, g_path = _inputs(dataset, cache, m.params.get("features", "detector-default"))
     parents = {"run": parent("file", out / MODEL_FILE), "features": parent("artifact", f_path),
                "graph": parent("artifact", g_path), "dataset": parent("dataset", ds_dir)}

@@ -34,15 +34,15 @@ from refground.cache.manifest import parent_fingerprints, read_manifest_of
 from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, DataError, UsageError
-from refground.eval.metrics import RECALL_NS, proposal_hit_ranks, recall_from_ranks
+from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
 from refground.features.pipeline import features_path
-from refground.models.candidates import QueryTable, encode_queries
+from refground.models.candidates import QueryTable, encode_queries, feature_stats
 from refground.models.vlnms import (VLNMSConfig, build_relatedness, decode_deltas, fused_nms, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
-                             fit, load_run_folder)
+                             fit, load_run_folder, step_decay)
 
 STEP = "train.vlnms@1"
 APPLY_STEP = "vlnms@1"
@@ -50,6 +50,9 @@ PROPOSALS_FORMAT = "refground-vlnms-proposals"
 FORMAT_VERSION = 1
 CONFIDENCE = "confidence"  # the tag of confidence-only NMS on the detection set (no run may take it)
 SCORE_BATCH = 256
+# Detections the feature standardisation is estimated on: all ~280k of the default world's train images would
+# take 580 MB as float64.
+STATS_ROWS = 200_000
 MIN_WORD_COUNT = 2  # Sec. 4.1: words seen fewer than 2 times in train are "unk"
 
 
@@ -247,16 +250,6 @@ def make_vlnms_batch(queries: VLNMSQueries, dets: DetectionSet, index: np.ndarra
                       torch.from_numpy(rho.astype(np.float32)), targets.float(), np.where(valid, rows, -1))
 
 
-def feature_stats(dets: DetectionSet, image_rows: np.ndarray, limit: int = 200_000) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation per dimension of the detections of ``image_rows`` (the first ``limit``)."""
-    rows = np.concatenate([np.arange(dets.offsets[r], dets.offsets[r + 1]) for r in image_rows])[:limit] \
-        if len(image_rows) else np.zeros(0, np.int64)
-    if len(rows) == 0:
-        return torch.zeros(dets.feature_dim), torch.ones(dets.feature_dim)
-    x = dets.features[np.sort(rows)].astype(np.float64)
-    return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
-
-
 def bucket_batches(items: np.ndarray, sizes: np.ndarray, batch_size: int, rng: np.random.Generator,
                    pool: int = 16) -> list[np.ndarray]:
     """Shuffled batches of ``items`` whose detection-set ``sizes`` are alike: the items are shuffled, cut into
@@ -400,19 +393,24 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
 def recall_of(props: QueryProposals, queries: VLNMSQueries, ds: Dataset, ns: tuple[int, ...] = RECALL_NS
               ) -> dict[str, float]:
     """Referent and (recorded) context-object recall@N of ``props`` (the design's proposal recall)."""
-    t = queries.table
-    ranked = [props.ranked_boxes(n) for n in range(len(t))]
+    return ranked_recall(ds, queries.table.query_ids, [props.ranked_boxes(n) for n in range(len(queries))], ns)
+
+
+def ranked_recall(ds: Dataset, query_ids: np.ndarray, ranked: list[np.ndarray], ns: tuple[int, ...] = RECALL_NS
+                  ) -> dict[str, float]:
+    """``recall@N`` of the referents and ``context_recall@N`` of the queries' recorded context objects, with
+    ``ranked[n]`` float[K_n, 4] the ranked boxes of query ``query_ids[n]``."""
     ref_t, ctx_t = [], []
-    for n, qid in enumerate(t.query_ids.tolist()):
+    for qid in query_ids.tolist():
         q = ds.query(int(qid))
         ref_t.append(ds.object_boxes[[ds.object_row(q.referent_object_id)]])
         ctx = list(dict.fromkeys(o for mm in q.mentions if mm.role == "context" for o in mm.object_ids))
         ctx_t.append(ds.object_boxes[[ds.object_row(o) for o in ctx]].reshape(-1, 4))
-    ref = recall_from_ranks(np.concatenate(proposal_hit_ranks(ranked, ref_t, 0.5, max(ns))), ns)
-    ctx_ranks = proposal_hit_ranks(ranked, ctx_t, 0.5, max(ns))
-    ctx = recall_from_ranks(np.concatenate(ctx_ranks) if ctx_ranks else np.zeros(0, np.int64), ns)
-    out = {f"recall@{n}": float(v) for n, v in ref.items()}
-    out.update({f"context_recall@{n}": float(v) for n, v in ctx.items()})
+    out: dict[str, float] = {}
+    for prefix, targets in (("recall", ref_t), ("context_recall", ctx_t)):
+        ranks = proposal_hit_ranks(ranked, targets, IOU_THRESHOLD, max(ns))
+        flat = np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
+        out.update({f"{prefix}@{n}": float(v) for n, v in recall_from_ranks(flat, ns).items()})
     return out
 
 
@@ -461,8 +459,7 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
         return result
     ds = load_dataset(ds_dir)
     dets = load_detections(ds, f_path)
-    vocab = Vocabulary.build((ds._query_at(k).tokens for k in ds.query_rows("train", "expression")),
-                             min_count=MIN_WORD_COUNT)
+    vocab = Vocabulary.of_split(ds, "train", MIN_WORD_COUNT)
     train_q = encode_vlnms_queries(ds, "train", vocab, pseudo_map, config.max_words)
     val_q = encode_vlnms_queries(ds, "val", vocab, None, config.max_words)
     usable = np.flatnonzero(train_q.table.targets >= 0)
@@ -473,7 +470,7 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
 
     torch.manual_seed(seed)
     model = build_relatedness(config)
-    model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows)))
+    model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows), STATS_ROWS))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
     set_sizes = np.diff(dets.offsets)[train_q.table.image_rows]
@@ -491,13 +488,8 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
         props = apply_vlnms(model, val_q, dets, nms_threshold, top_n=max(RECALL_NS))
         return {f"val_{k}": round(v, 5) for k, v in recall_of(props, val_q, ds).items()}
 
-    def lr_at(epoch: int) -> float:
-        if config.lr_decay_epochs and epoch >= config.lr_decay_epochs:
-            return config.lr * 0.1
-        return config.lr
-
     fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
-             evaluate=evaluate, select="val_recall@10", lr_at=lr_at, state=state,
+             evaluate=evaluate, select="val_recall@10", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state,
              description=f"train vlnms ({config.variant}, {config.loss})")
     metrics = {"split": "val", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
     result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
@@ -570,7 +562,7 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
     ds = load_dataset(ds_dir)
     dets = load_detections(ds, f_path)
     loaded = load_vlnms_run(run_dir(dataset, cache, run)) if run is not None else None
-    vocab = loaded.vocab if loaded else Vocabulary.build([["<none>"]])
+    vocab = loaded.vocab if loaded else Vocabulary.build([])  # confidence-only NMS reads no words
     max_words = loaded.config.max_words if loaded else 40
     for res, path, split, fp in todo:
         queries = encode_vlnms_queries(ds, split, vocab, None, max_words)

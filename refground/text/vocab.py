@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,11 @@ class Vocabulary:
         counts = Counter(t.lower() for tokens in token_lists for t in tokens if t)
         kept = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
         return cls([PAD, UNK, *kept])
+
+    @classmethod
+    def of_split(cls, ds: Any, split: str = "train", min_count: int = 6) -> Vocabulary:
+        """:meth:`build` from the tokens of the expression queries of ``split`` of a dataset."""
+        return cls.build((ds._query_at(k).tokens for k in ds.query_rows(split, "expression")), min_count=min_count)
 
     def encode(self, tokens: Sequence[str]) -> np.ndarray:
         """int64[T] ids of ``tokens`` (unknown words -> 1)."""
