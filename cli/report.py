@@ -53,6 +53,9 @@ def vlnms_report(
                                                 show_default=False)] = None,
     cmrin_run: Annotated[str, typer.Option("--cmrin-run", help="CMRIN run used as the second stage.")] = "cmrin",
     timing_images: Annotated[int, typer.Option("--timing-images", help="Images timed for Table 6.")] = 64,
+    min_confidence: Annotated[float, typer.Option("--min-confidence", help="Detection floor of the "
+                                                  "confidence-only and VL-NMS proposals (`refground vlnms "
+                                                  "--min-confidence`).")] = 0.0,
     out: OutOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -69,7 +72,7 @@ def vlnms_report(
     if timing_images < 1:
         raise UsageError(f"--timing-images {timing_images}: must be at least 1")
     names = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
-    res = vlnms_tables(dataset, cache, names, cmrin_run, timing_images=timing_images)
+    res = vlnms_tables(dataset, cache, names, cmrin_run, timing_images=timing_images, min_confidence=min_confidence)
     path = out or dataset_dir(dataset, cache).parent / "report" / "vlnms.md"
     pngs = [str(recall_plot(res, s, path.with_name(f"{path.stem}_recall_{s}.png"))) for s in SPLITS]
     with atomic_file(path) as fh:

@@ -32,6 +32,9 @@ def vlnms_command(
                                                  "the fused score s = r x c.")] = 0.5,
     class_agnostic: Annotated[bool, typer.Option("--class-agnostic", help="Let boxes of different classes "
                                                  "suppress each other.")] = False,
+    min_confidence: Annotated[float, typer.Option("--min-confidence", help="Drop detections whose detector "
+                                                  "confidence c is below this before the NMS (a detection "
+                                                  "threshold; 0 keeps every stored detection).")] = 0.0,
     features: Annotated[Optional[str], typer.Option("--features", help="Features artifact with pre-NMS detections "
                                                     "(default: the run's).", show_default=False)] = None,
     force: ForceOpt = False,
@@ -49,7 +52,7 @@ def vlnms_command(
     for s in splits or []:
         check_split_name(s)
     results = run_vlnms(dataset, cache, run, tuple(splits or ("val", "testA", "testB")), top_n, nms_threshold,
-                        class_agnostic, features, force)
+                        class_agnostic, features, force, min_confidence)
     rows = []
     for r in results:
         rows.append([r["split"], r["status"]]

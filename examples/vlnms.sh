@@ -6,6 +6,9 @@
 # Usage: bash examples/vlnms.sh [CACHE_DIR]
 set -euo pipefail
 CACHE=${1:-cache}
+# Detection floor of the query-aware proposals, chosen on val for the built-in detector (README, VL-NMS);
+# 0 is the paper's protocol (every stored detection enters the NMS).
+FLOOR=0.3
 refground data synth --cache "$CACHE"
 refground train detector --cache "$CACHE"
 refground extract --detections --no-dense --cache "$CACHE"   # proposals + the pre-NMS set (confidence >= 0.05)
@@ -16,9 +19,9 @@ refground train vlnms --variant fc --loss bce --cache "$CACHE"
 refground train vlnms --variant fc --loss rank --cache "$CACHE"
 refground train vlnms --variant trans --loss bce --cache "$CACHE"
 refground train vlnms --variant fc --loss bce --no-pseudo --cache "$CACHE"
-refground vlnms --confidence-only --cache "$CACHE"
+refground vlnms --confidence-only --min-confidence "$FLOOR" --cache "$CACHE"
 for run in fc-bce fc-rank trans-bce fc-bce-nopseudo; do
-  refground vlnms --run "$run" --cache "$CACHE"
+  refground vlnms --run "$run" --min-confidence "$FLOOR" --cache "$CACHE"
 done
 refground eval --method cmrin --candidates vlnms --vlnms-run fc-bce --top-n 10 --split testB --cache "$CACHE"
-refground report vlnms --cache "$CACHE"
+refground report vlnms --min-confidence "$FLOOR" --cache "$CACHE"

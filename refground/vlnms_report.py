@@ -55,9 +55,11 @@ def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...
 
 def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...] | None = None,
                  cmrin_run: str = "cmrin", features: str = "detector-default", top_n: int = 10,
-                 splits: tuple[str, ...] = SPLITS, timing_images: int = 64) -> dict[str, Any]:
+                 splits: tuple[str, ...] = SPLITS, timing_images: int = 64, min_confidence: float = 0.0
+                 ) -> dict[str, Any]:
     """All four tables as dicts of rows, plus ``markdown``. A VL-NMS run without proposals for a split gets
-    them written (``refground vlnms`` defaults); a run named in ``runs`` that does not exist is a one-line
+    them written (``refground vlnms`` defaults, with ``min_confidence`` as its detection floor for the
+    confidence-only and VL-NMS rows); a run named in ``runs`` that does not exist is a one-line
     ArtifactError naming `refground train vlnms`."""
     from refground.eval.evaluate import comprehension_of
     from refground.features.pipeline import features_path
@@ -77,7 +79,8 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
     seconds: dict[str, float] = {}
     for tag in (CONFIDENCE, *candidates):
         res = run_vlnms(dataset, cache, None if tag == CONFIDENCE else tag, splits,
-                        features=None if tag != CONFIDENCE else _run_features(dataset, cache, candidates[0]))
+                        features=None if tag != CONFIDENCE else _run_features(dataset, cache, candidates[0]),
+                        min_confidence=min_confidence)
         recall[tag] = {r["split"]: {k: v for k, v in r.items() if "recall@" in k} for r in res}
         seconds[tag] = float(np.mean([r.get("ms_per_image", np.nan) for r in res]))
     # Table 2: CMRIN on each candidate set.
@@ -93,6 +96,7 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
     timing = measure_times(ds, dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
                            timing_images)
     out = {"recall": recall, "precision": precision, "timing": timing, "runs": candidates,
+           "min_confidence": float(min_confidence),
            "labels": {k: _label(k) for k in recall}}
     out["markdown"] = render_markdown(out, splits)
     return out
@@ -155,7 +159,11 @@ def _pct(v: Any) -> str:
 
 
 def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
-    lines = ["### Table 1: recall of the referent and of context objects (%)", ""]
+    lines = []
+    if t.get("min_confidence"):
+        lines += [f"Confidence-only NMS and VL-NMS drop detections with confidence below {t['min_confidence']:g} "
+                  "(`--min-confidence`); the detector's own proposals are unfiltered.", ""]
+    lines += ["### Table 1: recall of the referent and of context objects (%)", ""]
     for split in splits:
         lines += [f"**{split}**", "", "| proposals | " + " | ".join(f"R@{n}" for n in NS) + " | "
                   + " | ".join(f"ctx R@{n}" for n in NS) + " |", "|---" * (2 * len(NS) + 1) + "|"]

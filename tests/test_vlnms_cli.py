@@ -14,9 +14,10 @@ from conftest import TINY_CMRIN, fail, run_json
 from refground.boxes import batched_nms, box_iou
 from refground.cache import RaggedH5
 from refground.data.store import load_dataset
+from refground.errors import UsageError
 from refground.eval.predictions import read_predictions
 from refground.models.vlnms import VLNMSConfig
-from refground.models.vlnms_run import (encode_vlnms_queries, load_detections, load_vlnms_run, make_vlnms_batch,
+from refground.models.vlnms_run import (apply_vlnms, encode_vlnms_queries, load_detections, load_vlnms_run, make_vlnms_batch,
                                         proposals_path, relatedness_scores, run_dir, train_vlnms)
 from refground.text.vocab import Vocabulary
 from refground.train import load_weights
@@ -121,6 +122,34 @@ def test_confidence_only_is_per_class_nms_on_the_detections(vcache):
     np.testing.assert_array_equal(feats, dets.features[rows])
 
 
+def test_min_confidence_is_a_detection_floor_before_the_nms(vcache):
+    """--min-confidence: per-class NMS over the detections with c >= the floor only (an image with none keeps
+    its most confident detection); floor 0 changes nothing."""
+    ds = load_dataset(vcache / "synth" / "dataset")
+    dets = load_detections(ds, vcache / "synth" / "features" / "detector-default.h5")
+    queries = encode_vlnms_queries(ds, "val", Vocabulary.build([]))
+    plain = apply_vlnms(None, queries, dets, 0.5, 15)
+    np.testing.assert_array_equal(apply_vlnms(None, queries, dets, 0.5, 15, min_confidence=0.0).det_rows,
+                                  plain.det_rows)
+    rows = queries.table.image_rows
+    top = np.array([dets.scores[dets.rows(int(r))].max() for r in rows])
+    levels = np.unique(top)  # the tiny detector's confidences differ little: a floor between image maxima
+    floor = float(levels[len(levels) // 2])
+    assert (top < floor).any() and (top >= floor).any()  # both branches are exercised
+    props = apply_vlnms(None, queries, dets, 0.5, 15, min_confidence=floor)
+    for n, r in enumerate(rows.tolist()):
+        sl = dets.rows(r)
+        conf = dets.scores[sl]
+        ok = np.flatnonzero(conf >= floor) if top[n] >= floor else np.array([int(conf.argmax())])
+        keep = batched_nms(torch.from_numpy(dets.boxes[sl][ok]), torch.from_numpy(conf[ok]),
+                           torch.from_numpy(dets.labels[sl][ok]), 0.5)[:15].numpy()
+        np.testing.assert_array_equal(props.det_rows[props.offsets[n]:props.offsets[n + 1]] - dets.offsets[r],
+                                      ok[keep])
+    assert len(props.det_rows) < len(plain.det_rows)
+    with pytest.raises(UsageError, match="min-confidence"):
+        apply_vlnms(None, queries, dets, 0.5, 15, min_confidence=1.0)
+
+
 def test_vlnms_proposals_are_ranked_by_fused_score(vcache, capsys):
     path = proposals_path("synth", vcache, "fc-bce", "val")
     with RaggedH5(path) as f:
@@ -192,6 +221,8 @@ def test_errors_are_one_line(vcache, pipeline_cache, capsys, tmp_path):
     assert "refground vlnms" in fail(capsys, "eval", "--method", "cmrin", "--candidates", "vlnms", "--vlnms-run",
                                      "never-applied", "--split", "testB", *c)
     assert "must be in (0, 1]" in fail(capsys, "vlnms", "--confidence-only", "--nms-threshold", "0", *c)
+    assert "--min-confidence 1.5: must be in [0, 1)" in fail(capsys, "vlnms", "--confidence-only",
+                                                             "--min-confidence", "1.5", *c)
     # No detection set: the features of the plain pipeline cache.
     plain = tmp_path / "plain"
     shutil.copytree(pipeline_cache, plain)

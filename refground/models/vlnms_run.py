@@ -288,6 +288,11 @@ class QueryProposals:
         return self.boxes[self.offsets[n]:self.offsets[n + 1]]
 
 
+def _check_floor(min_confidence: float) -> None:
+    if not 0 <= min_confidence < 1:
+        raise UsageError(f"--min-confidence {min_confidence}: must be in [0, 1)")
+
+
 @torch.no_grad()
 def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
                        batch_size: int = SCORE_BATCH, description: str = "") -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -345,14 +350,19 @@ def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: Dete
 
 
 def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: DetectionSet, iou_threshold: float = 0.5,
-                top_n: int = 100, class_agnostic: bool = False, description: str = "") -> QueryProposals:
+                top_n: int = 100, class_agnostic: bool = False, description: str = "",
+                min_confidence: float = 0.0) -> QueryProposals:
     """Query-aware proposals of every query (``model=None``: confidence-only NMS, r = 1).
 
     The NMS runs once per image for all its queries (they share the detections); regression-refined boxes
     replace the kept detections' boxes in the output (the suppression itself uses the detector's boxes).
+    ``min_confidence`` is a floor on the detector confidence c applied before the NMS, i.e. a detection
+    threshold above the one the pre-NMS set was stored with (an image with no detection above it keeps its
+    most confident one, so every query has a proposal).
     """
     if top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
+    _check_floor(min_confidence)
     if not 0 < iou_threshold <= 1:
         raise UsageError(f"--nms-threshold {iou_threshold}: must be in (0, 1]")
     t = queries.table
@@ -372,9 +382,15 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
         qs = order[s:e]
         r = int(t.image_rows[qs[0]])
         sl = dets.rows(r)
-        keep = fused_nms(torch.from_numpy(dets.boxes[sl]), torch.from_numpy(dets.scores[sl]),
-                         torch.from_numpy(np.stack([rel[q] for q in qs])) if len(qs) else torch.zeros(0, 0),
-                         torch.from_numpy(dets.labels[sl]), iou_threshold, top_n, class_agnostic).numpy()
+        conf = dets.scores[sl]
+        sub = np.flatnonzero(conf >= min_confidence)
+        if len(sub) == 0 and len(conf):
+            sub = np.array([int(conf.argmax())])
+        rel_q = np.stack([rel[q] for q in qs])[:, sub] if len(qs) else np.zeros((0, len(sub)), np.float32)
+        keep = fused_nms(torch.from_numpy(dets.boxes[sl][sub]), torch.from_numpy(conf[sub]),
+                         torch.from_numpy(rel_q), torch.from_numpy(dets.labels[sl][sub]), iou_threshold, top_n,
+                         class_agnostic).numpy()
+        keep = np.where(keep >= 0, sub[np.maximum(keep, 0)] if len(sub) else -1, -1)
         for j, q in enumerate(qs.tolist()):
             picks[q] = keep[j][keep[j] >= 0]
     t2 = time.perf_counter()
@@ -526,10 +542,12 @@ def write_proposals(path: Path, props: QueryProposals, dets: DetectionSet, attrs
 
 def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: tuple[str, ...] = ("val", "testA", "testB"),
               top_n: int = 100, nms_threshold: float = 0.5, class_agnostic: bool = False,
-              features: str | None = None, force: bool = False) -> list[dict[str, Any]]:
+              features: str | None = None, force: bool = False, min_confidence: float = 0.0
+              ) -> list[dict[str, Any]]:
     """Write (or find current) the query-aware proposals of each split: with ``run`` a trained VL-NMS run,
     without it confidence-only NMS on the same detections. Returns per split ``{"path", "status", "recall@N"...,
     "ms_per_image"...}``."""
+    _check_floor(min_confidence)
     ds_dir = dataset_dir(dataset, cache)
     parents: dict[str, Any] = {"dataset": parent("dataset", ds_dir)}
     if run is not None:
@@ -546,6 +564,8 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
     parents["features"] = parent("artifact", f_path)
     parent_fps = parent_fingerprints(parents)
     params = {"top_n": int(top_n), "nms_threshold": float(nms_threshold), "class_agnostic": bool(class_agnostic)}
+    if min_confidence:  # recorded only when set, so proposals written before the option stay current
+        params["min_confidence"] = float(min_confidence)
     results, todo = [], []
     for split in splits:
         path = proposals_path(dataset, cache, tag, split)
@@ -567,7 +587,7 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
     for res, path, split, fp in todo:
         queries = encode_vlnms_queries(ds, split, vocab, None, max_words)
         props = apply_vlnms(loaded.model if loaded else None, queries, dets, nms_threshold, top_n, class_agnostic,
-                            description=f"vlnms {tag} {split}")
+                            description=f"vlnms {tag} {split}", min_confidence=min_confidence)
         figures = recall_of(props, queries, ds)
         images = len(np.unique(queries.table.image_rows))
         timing = {"images": images, "queries": len(queries), "score_seconds": round(props.score_seconds, 3),
