@@ -7,6 +7,10 @@ CLI says so (with the traceback under ``--debug``).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+from dataclasses import fields
+from typing import Any
+
 
 class RefgroundError(Exception):
     """Base class for user-facing errors. ``str(err)`` is the whole message: one line, names the file."""
@@ -24,3 +28,17 @@ class ArtifactError(RefgroundError):
 
 class UsageError(RefgroundError):
     """An option value is invalid (unknown split, bad range, empty query)."""
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any]) -> None:
+    """UsageError unless ``value`` is one of ``choices`` (a config field naming one of a few options)."""
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_known_fields(cls: type, d: Mapping[str, Any], what: str) -> None:
+    """UsageError naming the keys of ``d`` that are not fields of the dataclass ``cls`` (``what``: e.g.
+    "CMRIN config")."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise UsageError(f"unknown {what} field(s): {', '.join(unknown)}")

@@ -68,14 +68,14 @@ Choices where the paper is silent (each one a config field):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refground.errors import UsageError
+from refground.errors import UsageError, check_choice, check_known_fields
 
 NUM_EDGE_TYPES = 11  # relation labels 1..11 (0 = no relationship / self / padding)
 WORD_TYPES = ("entity", "relation", "location", "unnecessary")
@@ -117,10 +117,8 @@ class CMRINConfig:
     min_word_count: int = 6
 
     def __post_init__(self) -> None:
-        if self.language not in LANGUAGE:
-            raise UsageError(f"language must be one of {LANGUAGE}, got {self.language!r}")
-        if self.context not in CONTEXT:
-            raise UsageError(f"context must be one of {CONTEXT}, got {self.context!r}")
+        check_choice("language", self.language, LANGUAGE)
+        check_choice("context", self.context, CONTEXT)
         if self.context == "instance" and (self.layers != 0 or self.fusion):
             raise UsageError("context 'instance' has no graph convolutions: layers 0, no fusion")
         if self.context != "instance" and self.layers < 1:
@@ -144,10 +142,7 @@ class CMRINConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CMRINConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown CMRIN config field(s): {', '.join(unknown)}")
+        check_known_fields(cls, d, "CMRIN config")
         return cls(**d)
 
 

@@ -53,7 +53,7 @@ Choices where the paper is silent or where this toolkit differs (each one a conf
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from refground.boxes import BoxCoder, _box_iou_np, _float, box_area
-from refground.errors import UsageError
+from refground.errors import UsageError, check_choice, check_known_fields
 
 VARIANTS = ("fc", "trans")
 LOSSES = ("bce", "rank")
@@ -106,10 +106,8 @@ class VLNMSConfig:
     lr_decay_epochs: int = 3
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise UsageError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.loss not in LOSSES:
-            raise UsageError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        check_choice("variant", self.variant, VARIANTS)
+        check_choice("loss", self.loss, LOSSES)
         if self.regression is None:
             self.regression = self.variant == "trans"
         if self.regression and self.variant != "trans":
@@ -143,10 +141,7 @@ class VLNMSConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLNMSConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"unknown VL-NMS config field(s): {', '.join(unknown)}")
+        check_known_fields(cls, d, "VL-NMS config")
         return cls(**d)
 
 
