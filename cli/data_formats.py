@@ -23,7 +23,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="Folder holding the annota
                                        "description).", show_default=False)]
 ImagesOpt = Annotated[Path, typer.Option("--images", help="Folder holding the image files (stored absolute; not "
                                          "copied).", show_default=False)]
-NameOpt = Annotated[Optional[str], typer.Option("--name", help="Dataset name in the cache (default: see above).",
+NameOpt = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name in the cache (default: see above).",
                                                 show_default=False)]
 SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Drop empty sentences and annotations with invalid "
                                        "boxes (counted) instead of stopping with an error.")]
@@ -80,7 +80,7 @@ def _refer_command(command: str, root: Path, dataset: str, split_by: str, images
 def import_refcoco(
     root: RootOpt,
     images: ImagesOpt,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="refcoco, refcoco+ or refcocog: the folder under "
+    dataset: Annotated[str, typer.Option("--corpus", help="refcoco, refcoco+ or refcocog: the folder under "
                                          "--root holding refs(<split-by>).p and instances.json.")] = "refcoco",
     split_by: Annotated[str, typer.Option("--split-by", help="unc (refcoco, refcoco+), umd or google "
                                           "(refcocog).")] = "unc",
@@ -118,7 +118,7 @@ def import_referit(
 def import_flickr(
     root: RootOpt,
     images: ImagesOpt,
-    name: Annotated[str, typer.Option("--name", help="Dataset name in the cache.")] = "flickr30k",
+    name: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name in the cache.")] = "flickr30k",
     cache: CacheOpt = None,
     skip_invalid: SkipOpt = False,
     ignore_sidecar: Annotated[bool, typer.Option("--ignore-sidecar", help="Read only the Flickr30K files, even "
@@ -145,13 +145,13 @@ FORMATS = ("refer", "flickr30k")
 
 @data_app.command("export")
 def export(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; refer: <out>/<name>/ and "
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Output folder (created; refer: <out>/<name>/ and "
                                           "<out>/images/; flickr30k: Sentences/, Annotations/, split files, "
                                           "flickr30k_images/ and refground.json).", show_default=False)],
     dataset: DatasetOpt = "synth",
     fmt: Annotated[str, typer.Option("--format", help="refer (expressions) or flickr30k (captions).")] = "refer",
     split_by: Annotated[str, typer.Option("--split-by", help="refer only: the splitBy in refs(<split-by>).p.")] = "unc",
-    name: Annotated[Optional[str], typer.Option("--name", help="refer only: the dataset folder under --out "
+    name: Annotated[Optional[str], typer.Option("--corpus", help="refer only: the corpus folder under --out-dir "
                                                 "(default: the dataset name).", show_default=False)] = None,
     cache: CacheOpt = None,
     as_json: JsonOpt = False,

@@ -16,7 +16,7 @@ from refground.data.synth import DEFAULT_FRACTIONS, ensure_synthetic, summary
 
 @data_app.command("synth")
 def synth(
-    images: Annotated[int, typer.Option("--images", help="Number of images to generate.")] = 5000,
+    images: Annotated[int, typer.Option("--num-images", help="Number of images to generate.")] = 5000,
     image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels (square images; "
                                             "object sizes scale with it); at least 64.")] = 256,
     seed: SeedOpt = 0,

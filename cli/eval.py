@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from refground.cli.apps import app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, SplitOpt
+from refground.cli.methods import command, method_kwargs, option_param, union_options
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, RunOpt, SplitOpt
 from refground.data.model import check_split_name
 from refground.data.store import load_named
 from refground.errors import UsageError
@@ -33,47 +34,33 @@ PointInOpt = Annotated[
 
 MethodOpt = Annotated[
     Optional[str],
-    typer.Option("--method", "-m", help="Score a trained run of a method instead of a file: cmrin. Its "
+    typer.Option("--method", "-m", help="Score a trained run of a registered method instead of a file. Its "
                  "predictions on the split are computed (or reused when current) first.", show_default=False),
 ]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name under runs/<method>/ (default: the "
-                                               "method's name, e.g. cmrin).", show_default=False)]
-CandidatesOpt = Annotated[
-    str,
-    typer.Option("--candidates", help="With --method: candidate boxes, 'gt' (ground-truth objects), 'proposals' "
-                 "(the detector's top --top-n per image by confidence) or 'vlnms' (the top --top-n query-aware "
-                 "proposals of `refground vlnms`, from the run --vlnms-run)."),
-]
-TopNOpt = Annotated[int, typer.Option("--top-n", help="With --candidates proposals/vlnms: proposals per image "
-                                      "or per query.")]
-VlnmsRunOpt = Annotated[str, typer.Option("--vlnms-run", help="With --candidates vlnms: the VL-NMS run whose "
-                                          "proposals to use ('confidence' for confidence-only NMS on the same "
-                                          "detections).")]
-CANDIDATES = ("gt", "proposals", "vlnms")
-METHODS = ("cmrin",)
 
 
 def resolve_predictions(predictions: Optional[Path], method: Optional[str] = None, run: Optional[str] = None,
                         dataset: str = "synth", cache: Optional[Path] = None, split: str = "val",
-                        candidates: str = "gt", top_n: int = 10, force: bool = False, vlnms_run: str = "fc-bce"
-                        ) -> Path:
-    """The predictions file to score: ``--predictions``, or those of a method's run (computed if needed)."""
+                        force: bool = False, **options: Any) -> Path:
+    """The predictions file to score: ``--predictions``, or those of a method's run (computed if needed; the
+    method's own options, None when not given, are passed to its ``predict``)."""
+    from refground.methods import get_method, list_methods
+
     if predictions is not None and method is not None:
         raise UsageError("give either --predictions FILE or --method NAME, not both")
     if method is None:
         if predictions is None:
-            raise UsageError("give the predictions file with --predictions FILE, or a run with --method cmrin")
+            names = ", ".join(m.name for m in list_methods("predict"))
+            raise UsageError(f"give the predictions file with --predictions FILE, or a run with --method ({names})")
+        given = [n for n, v in options.items() if v is not None]
+        if given:
+            raise UsageError(f"--{given[0].replace('_', '-')} applies only with --method")
         return predictions
-    if method not in METHODS:
-        raise UsageError(f"--method {method!r}: expected one of: {', '.join(METHODS)}")
-    from refground.models.cmrin_run import VLNMS_PREFIX, predict_cmrin
-
-    if candidates not in CANDIDATES:
-        raise UsageError(f"--candidates {candidates!r}: expected one of: {', '.join(CANDIDATES)}")
-    source = VLNMS_PREFIX + vlnms_run if candidates == "vlnms" else candidates
-    res = predict_cmrin(dataset, cache, run or method, split, source, top_n, force=force)
+    m = get_method(method, "predict")
+    res = m.predict(dataset, cache, run, [(split, method_kwargs(m, "predict_options", options))], force=force)[0]
     if res["status"] == "written":
-        info(f"wrote {res['path']} ({res['queries']} queries, {res['ms_per_query']} ms per query)")
+        info(f"wrote {res['path']}" + (f" ({res['queries']} queries, {res['ms_per_query']} ms per query)"
+                                       if "ms_per_query" in res else ""))
     return Path(res["path"])
 
 
@@ -82,15 +69,11 @@ def default_json_path(predictions: Path, split: str) -> Path:
     return predictions.with_name(f"{predictions.stem}.eval-{split}.json")
 
 
-@app.command("eval")
-def eval_command(
+def eval_body(
     split: SplitOpt,
     predictions: PredictionsOpt = None,
     method: MethodOpt = None,
     run: RunOpt = None,
-    candidates: CandidatesOpt = "gt",
-    top_n: TopNOpt = 10,
-    vlnms_run: VlnmsRunOpt = "fc-bce",
     dataset: DatasetOpt = "synth",
     multi_box: MultiBoxOpt = "union",
     point_in: PointInOpt = "box",
@@ -98,6 +81,7 @@ def eval_command(
     cache: CacheOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    **options: Any,
 ) -> None:
     """Score predictions (comprehension, segmentation, proposal recall, phrase grounding) on a split.
 
@@ -118,8 +102,7 @@ def eval_command(
         raise UsageError(f"--multi-box must be one of: {', '.join(MULTI_BOX)} (got {multi_box!r})")
     if point_in not in POINT_IN:
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
-    path = resolve_predictions(predictions, method, run, dataset, cache, split, candidates, top_n, force,
-                               vlnms_run)
+    path = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
     preds = read_predictions(path)
     ds = load_named(dataset, cache)
     result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)
@@ -130,3 +113,14 @@ def eval_command(
              "predictions in the split; missing predictions count as misses")
     tables = [table(t.title, t.columns, t.rows) for t in result.tables()]
     emit(result.to_dict(), as_json, tables, out or default_json_path(path, split))
+
+
+def eval_command() -> Any:
+    """``refground eval`` with the predict options of every registered method (each given option must be one
+    of the chosen method's)."""
+    from refground.methods import list_methods
+
+    opts = union_options(list_methods("predict"), "predict_options")
+    params = list(inspect.signature(eval_body, eval_str=True).parameters.values())[:-1]
+    params += [option_param(o, unset=True) for o in opts]
+    return command(params, eval_body, eval_body.__doc__)

@@ -30,13 +30,13 @@ def extract(
                                           "(transformers AutoBackbone; RoIAlign over its map). Default: the "
                                           "detector's own.")] = "",
     clip: ClipOpt = "",
-    max_proposals: Annotated[int, typer.Option("--max-proposals", "-n", help="Proposals kept per image (after NMS, "
+    max_proposals: Annotated[int, typer.Option("--max-proposals", help="Proposals kept per image (after NMS, "
                                                "best first).")] = 100,
     dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Also write dense maps at strides 8/16/32 "
                                         "to dense/<name>.zarr.")] = True,
     dense_size: Annotated[int, typer.Option("--dense-size", help="Side the image is resized to for dense maps "
                                             "(0: the dataset's own square size, else 512).")] = 0,
-    name: Annotated[str, typer.Option("--name", help="Artifact name (default: from the detector, e.g. "
+    name: Annotated[str, typer.Option("--features", help="Features artifact written: features/<name>.h5, the name every reader's --features takes (default: from the detector, e.g. "
                                       "detector-default).")] = "",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
     chunk_size: Annotated[int, typer.Option("--chunk-size", help="Images per committed chunk (the unit of "

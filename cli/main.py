@@ -10,7 +10,7 @@ import click
 import typer
 
 from refground import __version__
-from refground.cli.apps import app
+from refground.cli.apps import APP_SETTINGS, app
 from refground.cli.console import err, install_progress
 from refground.errors import RefgroundError
 
@@ -25,16 +25,9 @@ from refground.cli import cache as _cache  # noqa: F401,E402
 from refground.cli import data_formats as _data_formats  # noqa: F401,E402
 from refground.cli import data_synth as _data_synth  # noqa: F401,E402
 from refground.cli import data_view as _data_view  # noqa: F401,E402
-from refground.cli import eval as _eval  # noqa: F401,E402
 from refground.cli import extract as _extract  # noqa: F401,E402
 from refground.cli import graph as _graph  # noqa: F401,E402
-from refground.cli import show as _show  # noqa: F401,E402
-from refground.cli import train_detector as _train_detector  # noqa: F401,E402
-from refground.cli import train_cmrin as _train_cmrin  # noqa: F401,E402
 from refground.cli import quickstart as _quickstart  # noqa: F401,E402
-from refground.cli import report as _report  # noqa: F401,E402
-from refground.cli import train_vlnms as _train_vlnms  # noqa: F401,E402
-from refground.cli import pseudo as _pseudo  # noqa: F401,E402
 from refground.cli import vlnms as _vlnms  # noqa: F401,E402
 
 
@@ -42,6 +35,23 @@ from refground.cli import vlnms as _vlnms  # noqa: F401,E402
 def version() -> None:
     """Print the library version."""
     print(__version__)
+
+
+def build_app() -> typer.Typer:
+    """The whole CLI: the static commands and groups, and the method commands built from the registry now
+    (``train <method>``, ``report <method>``, ``pseudo <method>``, ``eval --method``, ``show --method``)."""
+    from refground.cli.eval import eval_command
+    from refground.cli.methods import method_groups
+    from refground.cli.show import show_command
+
+    root = typer.Typer(**APP_SETTINGS)
+    root.registered_commands = list(app.registered_commands)
+    root.registered_groups = list(app.registered_groups)
+    root.command("eval")(eval_command())
+    root.command("show")(show_command())
+    for name, group in method_groups().items():
+        root.add_typer(group, name=name)
+    return root
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Outside standalone mode Typer returns the code of an Exit (and maps Ctrl-C to Exit(130))
         # instead of raising it; our commands themselves return None.
-        code = app(args=args, prog_name="refground", standalone_mode=False)
+        code = build_app()(args=args, prog_name="refground", standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
             if code == 130:
                 err.print("interrupted")

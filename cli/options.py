@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -24,6 +23,11 @@ SplitOpt = Annotated[
                  "(refer semantics: testA includes testAB)."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.", show_default=False)]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name: the folder <cache>/<dataset>/runs/<method>/<run>/ "
+                                               "(default: the method's, e.g. its variant).", show_default=False)]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON file of config fields (e.g. a run's "
+                                                   "config.json); the options given override it.",
+                                                   show_default=False)]
 
 
 def read_config_file(path: Path, what: str) -> dict:
@@ -39,31 +43,3 @@ def read_config_file(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object of {what} fields")
     return data
-
-
-def training_overrides(**options: Any) -> dict[str, Any]:
-    """The config fields given as options (None: not given), checked with the option's name in the error:
-    ``epochs`` and ``batch_size`` at least 1, ``lr`` positive, ``lr_decay_epochs`` at least 0."""
-    from refground.errors import UsageError
-
-    given = {k: v for k, v in options.items() if v is not None}
-    for key, ok, rule in (("epochs", lambda v: v >= 1, "must be at least 1"),
-                          ("batch_size", lambda v: v >= 1, "must be at least 1"),
-                          ("lr", lambda v: v > 0, "must be positive"),
-                          ("lr_decay_epochs", lambda v: v >= 0, "must be at least 0")):
-        if key in given and not ok(given[key]):
-            raise UsageError(f"--{key.replace('_', '-')} {given[key]}: {rule}")
-    return given
-
-
-def config_from(from_dict: Callable[[dict[str, Any]], Any], config_file: Path | None, what: str,
-                overrides: dict[str, Any]) -> Any:
-    """``from_dict`` of the ``--config`` file's fields (none without a file) with ``overrides`` on top; a field
-    the config does not take is a one-line UsageError."""
-    from refground.errors import UsageError
-
-    base = read_config_file(config_file, what) if config_file is not None else {}
-    try:
-        return from_dict({**base, **overrides})
-    except TypeError as exc:
-        raise UsageError(f"{config_file}: {exc}") from None

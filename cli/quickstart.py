@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from refground.cli.apps import app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, JsonOpt, SeedOpt
+from refground.cli.options import CacheOpt, JsonOpt, SeedOpt, read_config_file
 
 
 @app.command("quickstart")
@@ -20,6 +21,14 @@ def quickstart(
                                                         show_default=False)] = None,
     top_n: Annotated[int, typer.Option("--top-n", help="Detector proposals per image for the proposal "
                                        "evaluation.")] = 10,
+    num_images: Annotated[int, typer.Option("--num-images", help="Images of the synthetic world.")] = 5000,
+    image_size: Annotated[int, typer.Option("--image-size", help="Image side in pixels.")] = 256,
+    detector_config: Annotated[Optional[Path], typer.Option("--detector-config", help="JSON file of detector config "
+                                                            "fields (default: the built-in detector's).",
+                                                            show_default=False)] = None,
+    cmrin_config: Annotated[Optional[Path], typer.Option("--cmrin-config", help="JSON file of CMRIN config fields "
+                                                         "(default: the full model; --cmrin-epochs overrides its "
+                                                         "epochs).", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate the default synthetic dataset, train the built-in detector, extract region features, build the
@@ -27,15 +36,28 @@ def quickstart(
     detector's top-N proposals, and write a report (markdown + PNGs) under <cache>/synth/report/. Each step is
     skipped when its artifact is already current, so running it again only re-reads the results."""
     from refground.errors import UsageError
+    from refground.features.detector import DetectorConfig
+    from refground.methods.cmrin.model import CMRINConfig
     from refground.quickstart import QUICK_EPOCHS, run_quickstart
+    from refground.train import config_of
 
     if cmrin_epochs is not None and cmrin_epochs < 1:
         raise UsageError(f"--cmrin-epochs {cmrin_epochs}: must be at least 1")
     if top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
+    if num_images < 10 or image_size < 32:
+        raise UsageError("--num-images must be at least 10 and --image-size at least 32")
+    det = config_of(DetectorConfig.from_dict, read_config_file(detector_config, "detector config"),
+                    str(detector_config)) if detector_config else None
+    cm = None
+    if cmrin_config is not None:
+        fields = read_config_file(cmrin_config, "CMRIN config")
+        cm = config_of(CMRINConfig.from_dict, {**fields, **({"epochs": cmrin_epochs} if cmrin_epochs else {})},
+                       str(cmrin_config))
     steps = iter(range(1, 8))
     result = run_quickstart(cache, seed=seed, cmrin_epochs=cmrin_epochs or QUICK_EPOCHS, top_n=top_n,
-                            on_step=lambda name: info(f"[{next(steps)}/7] {name}"))
+                            on_step=lambda name: info(f"[{next(steps)}/7] {name}"), images=num_images,
+                            image_size=image_size, detector_config=det, cmrin_config=cm)
     kinds = [k for k in result["precision"].get("val", {})]
     rows = [(s, *[result["precision"][s].get(k, "-") for k in kinds]) for s in result["precision"]]
     drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),

@@ -1,28 +1,26 @@
 """`refground show`: a PNG of a query with its ground truth and, optionally, predictions or a method's maps.
 
-With ``--method cmrin`` it draws CMRIN's Figure 4 for the query from a trained run: ground truth, the
-vertex-gate ("attention score") map and the matching-score map (:func:`refground.viz.render_cmrin_figure`).
+With ``--method NAME`` the registered method draws its own maps for the query from a trained run (CMRIN:
+Figure 4, ground truth, vertex-gate and matching-score maps; VL-NMS: the query-aware proposals); the
+method's own options are those of the registry.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from refground.cli.apps import app
 from refground.cli.console import info
-from refground.cli.options import CacheOpt, DatasetOpt, OutOpt, SplitOpt
+from refground.cli.methods import command, method_kwargs, option_param, union_options
+from refground.cli.options import CacheOpt, DatasetOpt, OutOpt, RunOpt, SplitOpt
 from refground.data.store import cache_root, load_named
 from refground.errors import UsageError
 from refground.viz import render_query, save_png
 
-METHODS = ("cmrin",)
-
-
-@app.command("show")
-def show(
+def show_body(
     dataset: DatasetOpt = "synth",
     query: Annotated[Optional[int], typer.Option("--query", "-q", help="Query id (default: pick by --split/--index).")] = None,
     split: SplitOpt = "val",
@@ -30,22 +28,23 @@ def show(
     predictions: Annotated[Optional[Path], typer.Option("--predictions", "-p", help="Predictions file (JSON lines) to draw.")] = None,
     proposals: Annotated[int, typer.Option("--proposals", help="Draw the first N boxes of a ranked prediction as proposals.")] = 0,
     no_mask: Annotated[bool, typer.Option("--no-mask", help="Do not overlay ground-truth masks.")] = False,
-    method: Annotated[Optional[str], typer.Option("--method", help="Draw a method's own maps from a trained run: "
-                                                  "cmrin (Figure 4: ground truth, vertex-gate map, matching-score "
-                                                  "map). --index then counts expression queries only.",
-                                                  show_default=False)] = None,
-    run: Annotated[str, typer.Option("--run", help="With --method: the run name (<cache>/<dataset>/runs/<method>/"
-                                     "<run>/).")] = "cmrin",
-    candidates: Annotated[str, typer.Option("--candidates", help="With --method: score the ground-truth objects "
-                                            "(gt) or the detector's proposals (proposals).")] = "gt",
-    top_n: Annotated[int, typer.Option("--top-n", help="With --candidates proposals: the first N proposals.")] = 10,
+    method: Annotated[Optional[str], typer.Option("--method", help="Draw a registered method's own maps from a "
+                                                  "trained run (e.g. cmrin: Figure 4). --index then counts "
+                                                  "expression queries only.", show_default=False)] = None,
+    run: RunOpt = None,
     out: OutOpt = None,
     cache: CacheOpt = None,
+    **options: Any,
 ) -> None:
     """Write a PNG: image, query text, ground-truth box and mask, context objects, predictions; with
-    --method cmrin, the paper's Figure 4 (vertex-gate and matching-score maps) from a trained run."""
-    if method is not None and method not in METHODS:
-        raise UsageError(f"--method {method!r}: unknown method; expected one of: {', '.join(METHODS)}")
+    --method NAME, the method's own maps from a trained run (cmrin: the paper's Figure 4)."""
+    from refground.methods import get_method
+
+    m = get_method(method, "show") if method is not None else None
+    given = [n for n, v in options.items() if v is not None]
+    if m is None and given:
+        raise UsageError(f"--{given[0].replace('_', '-')} applies only with --method")
+    kwargs = method_kwargs(m, "show_options", options) if m is not None else {}
     ds = load_named(dataset, cache)
     task = "expression" if method is not None else None
     if query is None:
@@ -56,8 +55,12 @@ def show(
         q = ds.queries(split, task)[index]
     else:
         q = ds.query(query)
-    if method is not None:
-        _show_method(ds, q, dataset, cache, method, run, candidates, top_n, predictions, proposals, no_mask, out)
+    if m is not None:
+        if predictions is not None or proposals:
+            raise UsageError("--predictions/--proposals cannot be combined with --method (the run scores the query)")
+        path = out or cache_root(cache) / dataset / "show" / f"{m.name}_{run or m.name}_query_{q.id}.png"
+        res = m.show(dataset, cache, run, q.id, path, show_mask=not no_mask, **kwargs)
+        info(f"wrote {res['path']} ({res['message']})")
         return
     pred_boxes: list = []
     pred_mask = None
@@ -81,20 +84,11 @@ def show(
     info(f"wrote {path}")
 
 
-def _show_method(ds, q, dataset: str, cache: Optional[Path], method: str, run: str, candidates: str, top_n: int,
-                 predictions: Optional[Path], proposals: int, no_mask: bool, out: Optional[Path]) -> None:
-    from refground.models.cmrin_run import explain_query
-    from refground.viz import render_cmrin_figure
+def show_command() -> Any:
+    """``refground show`` with the show options of every registered method."""
+    from refground.methods import list_methods
 
-    if predictions is not None or proposals:
-        raise UsageError("--predictions/--proposals cannot be combined with --method (the run scores the query)")
-    if candidates not in ("gt", "proposals"):
-        raise UsageError(f"--candidates {candidates!r}: expected gt or proposals")
-    if top_n < 1:
-        raise UsageError(f"--top-n {top_n}: must be at least 1")
-    ex = explain_query(dataset, cache, run, q.id, candidates, top_n)
-    image = render_cmrin_figure(ds, ex["query"], ex["boxes"], ex["scores"], ex.get("vertex_gates"),
-                                candidates=ex["candidates"], show_mask=not no_mask)
-    path = out or cache_root(cache) / dataset / "show" / f"{method}_{run}_query_{q.id}.png"
-    save_png(image, path)
-    info(f"wrote {path} ({method} run {run}, query {q.id}, {len(ex['boxes'])} {ex['candidates']} candidates)")
+    opts = union_options(list_methods("show"), "show_options")
+    params = list(inspect.signature(show_body, eval_str=True).parameters.values())[:-1]
+    params += [option_param(o, unset=True) for o in opts]
+    return command(params, show_body, show_body.__doc__)

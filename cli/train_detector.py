@@ -7,18 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from refground.cli.apps import train_app
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
 from refground.errors import UsageError
 
 
-@train_app.command("detector")
 def train_detector_command(
     dataset: DatasetOpt = "synth",
     cache: CacheOpt = None,
-    name: Annotated[str, typer.Option("--name", help="Run name: the run folder is "
-                                      "<cache>/<dataset>/runs/detector/<name>/.")] = "default",
+    run: Annotated[str, typer.Option("--run", help="Run name: the run folder is "
+                                     "<cache>/<dataset>/runs/detector/<run>/ (what `refground extract --detector "
+                                     "builtin:<run>` reads).")] = "default",
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 3).",
                                                   show_default=False)] = None,
     input_size: Annotated[Optional[int], typer.Option("--input-size", help="Longer image side fed to the network "
@@ -58,7 +57,7 @@ def train_detector_command(
     except (TypeError, ValueError) as exc:
         raise UsageError(f"{config_file or 'detector config'}: {exc}") from None
     ds_dir = dataset_dir(dataset, cache)
-    out_dir = ds_dir.parent / "runs" / "detector" / check_run_name(name)
+    out_dir = ds_dir.parent / "runs" / "detector" / check_run_name(run)
     ds = load_dataset(ds_dir)
     result = train_detector(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)
     if result["cache_hit"]:
@@ -75,8 +74,8 @@ def train_detector_command(
                ("inference images/s", m.get("images_per_s")),
                ("training seconds", result.get("train_seconds")),
                ("training images/s", result.get("train_images_per_s"))]
-    tables = [table(f"detector {name!r} on {dataset} {m.get('split', 'val')}: proposal recall (IoU >= 0.5)",
+    tables = [table(f"detector {run!r} on {dataset} {m.get('split', 'val')}: proposal recall (IoU >= 0.5)",
                     ["metric", "referent", "context"], rows),
-              table(f"detector {name!r}: accuracy on ground-truth boxes, speed", ["metric", "value"],
+              table(f"detector {run!r}: accuracy on ground-truth boxes, speed", ["metric", "value"],
                     [(k, v if v is not None else "-") for k, v in figures])]
-    emit({"dataset": dataset, "name": name, **result}, as_json, tables)
+    emit({"dataset": dataset, "name": run, **result}, as_json, tables)

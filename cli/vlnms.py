@@ -12,8 +12,6 @@ from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt
 from refground.data.model import check_split_name
 from refground.errors import UsageError
 
-RECALL_COLUMNS = (1, 3, 5, 10, 20, 100)
-
 
 @app.command("vlnms")
 def vlnms_command(
@@ -45,7 +43,9 @@ def vlnms_command(
     as `refground eval --method cmrin --candidates vlnms --vlnms-run <run>` reads) and <split>.jsonl (ranked
     boxes for `refground eval --predictions`). Prints the referent and context-object recall@N and the time
     per image."""
-    from refground.models.vlnms_run import run_vlnms
+    from refground.eval.metrics import RECALL_NS
+    from refground.methods.vlnms.run import run_vlnms
+    from refground.tables import pct
 
     if (run is None) == (not confidence_only):
         raise UsageError("give a trained run with --run NAME, or --confidence-only (not both)")
@@ -56,15 +56,11 @@ def vlnms_command(
     rows = []
     for r in results:
         rows.append([r["split"], r["status"]]
-                    + [_pct(r.get(f"recall@{n}")) for n in RECALL_COLUMNS]
-                    + [_pct(r.get(f"context_recall@{n}")) for n in (5, 10, 20)]
+                    + [pct(r.get(f"recall@{n}")) for n in RECALL_NS]
+                    + [pct(r.get(f"context_recall@{n}")) for n in (5, 10, 20)]
                     + [r.get("ms_per_image", "-")])
-    cols = (["split", "status"] + [f"R@{n}" for n in RECALL_COLUMNS] + ["ctx R@5", "ctx R@10", "ctx R@20"]
+    cols = (["split", "status"] + [f"R@{n}" for n in RECALL_NS] + ["ctx R@5", "ctx R@10", "ctx R@20"]
             + ["ms/image"])
     tag = results[0]["tag"] if results else run
     emit({"dataset": dataset, "tag": tag, "splits": results}, as_json,
          [table(f"vlnms {tag}: recall of the referent and of context objects (%)", cols, rows)])
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"

@@ -13,4 +13,4 @@ for pair in "cmrin instance" "global-2 guided-2" "fusion-1 fusion-3"; do
   done
   for pid in "${pids[@]}"; do wait "$pid"; done   # a failed run stops the script
 done
-refground report cmrin-ablation --cache "$CACHE"
+refground report cmrin --cache "$CACHE"

@@ -36,12 +36,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from refground.boxes import box_convert, box_iou, elementwise_box_iou
+from refground.boxes import box_iou, elementwise_box_iou
 
 __all__ = [
     "NUM_RELATIONS",
     "RELATION_NAMES",
-    "spatial_features",
     "spatial_relations",
     "spatial_relations_many",
 ]
@@ -238,18 +237,3 @@ def spatial_relations_many(
             ki = counts[i]
             labels[offsets[i]:offsets[i + 1]] = chunk[row, :ki, :ki].reshape(-1)
     return labels, offsets
-
-
-def spatial_features(boxes: Tensor | np.ndarray, image_size: Size) -> Tensor:
-    """CMRIN's 5-d spatial feature p_i of each box: [cx/W, cy/H, w/W, h/H, w*h/(W*H)].
-
-    boxes: Tensor[K, 4] xyxy, absolute pixels; image_size: (height, width). Returns Tensor[K, 5] in the
-    boxes' floating dtype (float32 for integer inputs).
-    """
-    b = _boxes_tensor(boxes)
-    if not b.is_floating_point() or b.dtype in (torch.float16, torch.bfloat16):
-        b = b.float()
-    _diagonal(image_size)  # validates the size
-    h, w = float(image_size[0]), float(image_size[1])
-    cx, cy, bw, bh = box_convert(b, "xyxy", "cxcywh").unbind(-1)
-    return torch.stack((cx / w, cy / h, bw / w, bh / h, bw * bh / (w * h)), dim=-1)

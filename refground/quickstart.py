@@ -17,8 +17,8 @@ from typing import Any
 
 from refground.data.model import KIND_ORDER
 from refground.data.store import dataset_dir
+from refground.tables import EVAL_SPLITS, pct
 
-SPLITS = ("val", "testA", "testB")
 QUICK_EPOCHS = 2  # the quickstart schedule: what fits the 10-minute budget (README)
 Step = Callable[[str], None]
 
@@ -39,9 +39,10 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     from refground.features.detector_train import train_detector
     from refground.features.pipeline import extract_dataset
     from refground.graph_artifact import build_graphs
-    from refground.models.cmrin import variant_config
+    from refground.methods.cmrin.model import variant_config
     from refground.eval.evaluate import comprehension_of
-    from refground.models.cmrin_run import predict_cmrin_many, train_cmrin
+    from refground.grounding.candidates import CandidateSpec
+    from refground.methods.cmrin.run import predict_cmrin_many, train_cmrin
 
     say = on_step or (lambda _msg: None)
     t_all = time.perf_counter()
@@ -73,7 +74,7 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     proposals: dict[str, dict[str, float]] = {}
 
     def evaluate_all() -> None:
-        jobs = [(split, source, top_n) for source in ("gt", "proposals") for split in SPLITS]
+        jobs = [(split, CandidateSpec(source, top_n)) for source in ("gt", "proposals") for split in EVAL_SPLITS]
         for res in predict_cmrin_many(dataset, cache, "cmrin", jobs):
             figs = comprehension_of(ds, res["path"], res["split"])
             table = precision if res["candidates"] == "gt" else proposals
@@ -97,9 +98,10 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
 
 def _figures(ds: Any, cache: Any, dataset: str, out_dir: Path, cm: dict[str, Any], count: int) -> list[Path]:
     """The training curve and Figure 4 for the first ``count`` second-order relation queries of testB."""
-    from refground.models.cmrin_run import explain_query
+    from refground.methods.cmrin.run import explain_query
     from refground.plots import render_curve
-    from refground.viz import render_cmrin_figure, save_png
+    from refground.methods.cmrin.figures import render_cmrin_figure
+    from refground.viz import save_png
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [save_png(render_curve(cm.get("curve") or _curve_of(cm["run"]), "cmrin training"),
@@ -118,30 +120,26 @@ def _curve_of(run: str) -> dict[str, Any]:
     return read_json(Path(run) / CURVE_FILE) or {}
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
 def render_report(result: dict[str, Any], name: str) -> str:
     """The markdown report of a quickstart result."""
-    kinds = [k for k in ("all", *KIND_ORDER) if any(k in result["precision"].get(s, {}) for s in SPLITS)]
+    kinds = [k for k in ("all", *KIND_ORDER) if any(k in result["precision"].get(s, {}) for s in EVAL_SPLITS)]
     lines = [f"# refground quickstart: CMRIN on `{name}`", "",
              "Precision@1 (%) with the ground-truth objects as candidates (`refground eval --method cmrin`):", "",
              "| split | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
-    for s in SPLITS:
-        lines.append(f"| {s} | " + " | ".join(_pct(result["precision"].get(s, {}).get(k)) for k in kinds) + " |")
+    for s in EVAL_SPLITS:
+        lines.append(f"| {s} | " + " | ".join(pct(result["precision"].get(s, {}).get(k)) for k in kinds) + " |")
     n = result["top_n"]
     lines += ["", f"With the detector's top {n} proposals by confidence as candidates (`--candidates proposals "
               f"--top-n {n}`), and the drop against ground-truth candidates:", "",
               "| split | P@1 gt | P@1 proposals | drop (points) |", "|---|---|---|---|"]
-    for s in SPLITS:
+    for s in EVAL_SPLITS:
         g, p = result["precision"].get(s, {}).get("all"), result["proposals"].get(s, {}).get("all")
         drop = "-" if g is None or p is None else f"{100 * (g - p):.1f}"
-        lines.append(f"| {s} | {_pct(g)} | {_pct(p)} | {drop} |")
+        lines.append(f"| {s} | {pct(g)} | {pct(p)} | {drop} |")
     cm = result["cmrin"]
     lines += ["", f"CMRIN run: `{cm['run']}`, best epoch {cm['best_epoch']} on val, "
               f"{cm['queries_per_s']} training queries/s. Detector referent recall@10 on val: "
-              f"{_pct(result['detector_recall@10'])}%.", "", "| step | seconds | status |", "|---|---|---|"]
+              f"{pct(result['detector_recall@10'])}%.", "", "| step | seconds | status |", "|---|---|---|"]
     lines += [f"| `{s['step']}` | {s['seconds']} | {s['status']} |" for s in result["steps"]]
     lines += ["", f"Total: {result['seconds']} s.", "", "Figures:", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in result["figures"]]

@@ -1,4 +1,5 @@
-"""One seeded training loop for the methods: run folders, epoch checkpoints, resume, curves, best-on-val.
+"""One seeded training loop for the methods and the built-in detector: run folders, epoch checkpoints, resume,
+curves, best-on-val.
 
 A run folder (``<cache>/<dataset>/runs/<method>/<name>/``) holds::
 
@@ -75,20 +76,21 @@ def step_decay(lr: float, decay_epochs: int) -> Callable[[int], float]:
 
 def complete_run(path: Path, method: str) -> Any:
     """The manifest of a complete run folder of ``method`` with its config and weights, else a one-line
-    ArtifactError naming ``refground train <method> --name <run>``."""
+    ArtifactError naming ``refground train <method> --run <run>``."""
     from refground.cache import require
     from refground.errors import ArtifactError
 
-    m = require(path, f"refground train {method} --name {path.name}")
+    m = require(path, f"refground train {method} --run {path.name}")
     if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
         raise ArtifactError(f"{path}: run without config or weights; "
-                            f"run `refground train {method} --name {path.name} --force`")
+                            f"run `refground train {method} --run {path.name} --force`")
     return m
 
 
 @dataclass
 class LoadedRun:
-    """A trained run: its folder, model (eval mode, best weights), vocabulary, config and manifest params."""
+    """A trained run: its folder, model (eval mode, best weights), vocabulary (None for a method that saves
+    none), config and manifest params."""
 
     path: Path
     model: torch.nn.Module
@@ -101,8 +103,8 @@ class LoadedRun:
 def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[str, Any]], Any],
                     build: Callable[[Any], torch.nn.Module]) -> LoadedRun:
     """Load a complete run folder of ``method``: its config (``config_from_dict`` of config.json), the model
-    ``build(config)`` with the best weights (eval mode) and the vocabulary (vocab.json). A missing,
-    interrupted or unreadable run is a one-line ArtifactError."""
+    ``build(config)`` with the best weights (eval mode) and the vocabulary (vocab.json, where the method saved
+    one). A missing, interrupted or unreadable run is a one-line ArtifactError."""
     from refground.errors import ArtifactError
     from refground.text.vocab import Vocabulary
 
@@ -110,12 +112,13 @@ def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[st
     m = complete_run(path, method)
     cfg = read_json(path / CONFIG_FILE)
     if not isinstance(cfg, dict):
-        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train {method} --name {path.name} --force`")
+        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train {method} --run {path.name} --force`")
     config = config_from_dict(cfg)
     model = build(config)
     model.load_state_dict(load_weights(path / MODEL_FILE))
     model.eval()
-    return LoadedRun(path, model, Vocabulary.load(path / VOCAB_FILE), config, m.params, m.fingerprint)
+    vocab = Vocabulary.load(path / VOCAB_FILE) if (path / VOCAB_FILE).is_file() else None
+    return LoadedRun(path, model, vocab, config, m.params, m.fingerprint)
 
 
 def epoch_rng(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -159,6 +162,17 @@ class RunSpec:
             return None
         return state if state.get("fingerprint") == self.fingerprint else None
 
+    def start(self, name: str, force: bool) -> dict[str, Any]:
+        """The run's summary so far, ``{"run", "name", "fingerprint", "cache_hit"}``; for a complete run with this
+        fingerprint (and not ``force``) ``cache_hit`` is True and its cached figures are merged in, so the
+        trainer returns it without training."""
+        result: dict[str, Any] = {"run": str(self.out_dir), "name": name, "fingerprint": self.fingerprint,
+                                  "cache_hit": False}
+        cached = None if force else self.cached_summary()
+        if cached is not None:
+            result.update(cached)
+        return result
+
     def cached_summary(self) -> dict[str, Any] | None:
         """``{"cache_hit": True, "metrics", **manifest extra}`` of a complete run, else None."""
         if not self.is_complete():
@@ -167,13 +181,15 @@ class RunSpec:
         return {"cache_hit": True, "metrics": read_json(self.out_dir / METRICS_FILE) or {}, **extra}
 
     def begin(self, config: dict[str, Any], vocab: Any, resume: bool, force: bool) -> dict[str, Any] | None:
-        """Open the run folder for training: mark it incomplete, write config.json and vocab.json; returns the
-        checkpoint to resume from (None for a fresh start, or with ``force`` / without ``resume``)."""
+        """Open the run folder for training: mark it incomplete, write config.json and, where the method has a
+        vocabulary (``vocab`` not None), vocab.json; returns the checkpoint to resume from (None for a fresh
+        start, or with ``force`` / without ``resume``)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.resumable_state() if resume and not force else None
         self.mark(complete=False)
         write_json(self.out_dir / CONFIG_FILE, config)
-        vocab.save(self.out_dir / VOCAB_FILE)
+        if vocab is not None:
+            vocab.save(self.out_dir / VOCAB_FILE)
         return state
 
     def finish(self, fr: "FitResult", epochs: int, items: int, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +202,35 @@ class RunSpec:
         self.mark(complete=True, extra=extra)
         return {"resumed_from": fr.resumed_from, "best_epoch": fr.best_epoch, "metrics": metrics, "curve": fr.curve,
                 **extra}
+
+
+def config_params(config: dict[str, Any], derived: tuple[str, ...] = ("vocab_size", "visual_dim")) -> dict[str, Any]:
+    """A model config as run parameters: without the fields derived from the data (vocabulary size, feature
+    width), which the inputs' fingerprints already cover."""
+    return {k: v for k, v in config.items() if k not in derived}
+
+
+def check_training_fields(**fields: Any) -> dict[str, Any]:
+    """The config fields given (None: not given), checked with the option's name in the error: ``epochs``,
+    ``batch_size`` and ``layers`` at least 1, ``lr`` positive, ``lr_decay_epochs`` at least 0."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    for key, ok, rule in (("epochs", lambda v: v >= 1, "must be at least 1"),
+                          ("batch_size", lambda v: v >= 1, "must be at least 1"),
+                          ("layers", lambda v: v >= 1, "must be at least 1"),
+                          ("lr", lambda v: v > 0, "must be positive"),
+                          ("lr_decay_epochs", lambda v: v >= 0, "must be at least 0")):
+        if key in given and not ok(given[key]):
+            raise UsageError(f"--{key.replace('_', '-')} {given[key]}: {rule}")
+    return given
+
+
+def config_of(from_dict: Callable[[dict[str, Any]], Any], fields: dict[str, Any], what: str) -> Any:
+    """``from_dict(fields)``; a field the config does not take, or a bad value, is a one-line UsageError naming
+    ``what`` (e.g. the --config file)."""
+    try:
+        return from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def best_epoch_figures(fr: "FitResult") -> dict[str, Any]:
@@ -207,19 +252,26 @@ class FitResult:
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec, *, epochs: int, seed: int,
-        batches: Callable[[np.random.Generator], Sequence[Any]],
-        train_step: Callable[[Any, torch.Generator], tuple[torch.Tensor, int]],
+        batches: Callable[[Any], Sequence[Any]],
+        train_step: Callable[[Any, torch.Generator], tuple[Any, ...]],
         evaluate: Callable[[], dict[str, Any]] | None = None, select: str | None = None,
         lr_at: Callable[[int], float] | None = None, state: dict[str, Any] | None = None,
-        description: str = "train") -> FitResult:
+        description: str = "train", lr_at_step: Callable[[int], float] | None = None,
+        clip_grad_norm: float | None = None, batch_rng: str = "numpy") -> FitResult:
     """Train ``model`` for ``epochs`` epochs, checkpointing into ``spec.out_dir`` after each.
 
-    ``batches(rng)`` gives one epoch's batches; ``train_step(batch, generator)`` returns (loss, items) for
-    one batch (the loop does zero_grad / backward / step). After each epoch ``evaluate()`` gives figures
-    (e.g. val Precision@1) that go into the curve; the epoch with the highest ``figures[select]`` is kept
-    as ``model.pt`` (without ``select``, the last epoch). ``lr_at(epoch)`` sets the learning rate of each
-    epoch. ``state`` is a :meth:`RunSpec.resumable_state` to continue from.
+    ``batches(rng)`` gives one epoch's batches from the epoch's numpy generator (``batch_rng="torch"``: from
+    its torch generator, which ``train_step`` then continues); ``train_step(batch, generator)`` returns
+    (loss, items) for one batch, or (loss, items, parts) with ``parts`` named loss terms whose epoch means go
+    into the curve's epoch rows (the loop does zero_grad / backward / optional ``clip_grad_norm`` / step).
+    After each epoch ``evaluate()`` gives figures (e.g. val Precision@1) that go into the curve; the epoch
+    with the highest ``figures[select]`` is kept as ``model.pt`` (without ``select``, the last epoch).
+    ``lr_at(epoch)`` sets the learning rate of each epoch, ``lr_at_step(step)`` that of each step from the
+    global step count (so a resumed run follows the same schedule; it is also logged in the step rows).
+    ``state`` is a :meth:`RunSpec.resumable_state` to continue from.
     """
+    if batch_rng not in ("numpy", "torch"):
+        raise ValueError(f"batch_rng {batch_rng!r}: expected 'numpy' or 'torch'")
     out = spec.out_dir
     start, steps, best_epoch, best_score = 0, 0, 0, None
     curve: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
@@ -238,25 +290,36 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch)
         rng, gen = epoch_rng(seed, epoch)
-        epoch_batches = batches(rng)
+        epoch_batches = batches(gen if batch_rng == "torch" else rng)
         model.train()
         t0 = time.perf_counter()
         losses = []
+        part_sums: dict[str, float] = {}
         for batch in track(epoch_batches, total=len(epoch_batches), description=f"{description} epoch {epoch + 1}/{epochs}"):
-            loss, n = train_step(batch, gen)
+            lr = lr_at_step(steps) if lr_at_step is not None else None
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            loss, n, *parts = train_step(batch, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             optimizer.step()
             steps += 1
             items += n
             losses.append(float(loss.detach()))
+            for name, value in (parts[0] if parts else {}).items():
+                part_sums[name] = part_sums.get(name, 0.0) + float(value)
             if steps % STEP_LOG_EVERY == 0:
                 curve["steps"].append({"step": steps, "epoch": epoch + 1,
-                                       "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6)})
+                                       "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6),
+                                       **({"lr": lr} if lr is not None else {})})
         seconds = time.perf_counter() - t0
         train_seconds += seconds
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)) if losses else 0.0, 6),
                                "seconds": round(seconds, 2)}
+        row.update({name: round(total / len(losses), 6) for name, total in part_sums.items()})
         if evaluate is not None:
             model.eval()
             with torch.no_grad():

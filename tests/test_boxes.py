@@ -380,8 +380,6 @@ def test_roi_align_box_list_module_and_empty():
     rois = torch.tensor([[0, 0.0, 0.0, 6.0, 5.0], [0, 1.0, 2.0, 7.5, 7.0], [1, 2.0, 1.0, 4.0, 8.0]])
     a = B.roi_align(inp, per_image, 4, 1.0, 2, True)
     torch.testing.assert_close(a, B.roi_align(inp, rois, (4, 4), 1.0, 2, True))
-    torch.testing.assert_close(B.RoIAlign(4, 1.0, 2, aligned=True)(inp, rois), a)
-    assert "aligned=True" in repr(B.RoIAlign(4, 1.0, 2, aligned=True))
     assert B.roi_align(inp, torch.zeros(0, 5), (3, 2)).shape == (0, 4, 3, 2)
     assert B.roi_align(inp, [torch.zeros(0, 4), torch.zeros(0, 4)], 2).shape == (0, 4, 2, 2)
 

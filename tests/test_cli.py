@@ -126,7 +126,7 @@ def test_interrupted_synth_leaves_nothing_and_keeps_the_old_dataset(capsys, synt
         raise KeyboardInterrupt
 
     monkeypatch.setattr(generate, "validate_dataset", interrupt)  # after all images are written to staging
-    args = ("data", "synth", "--images", "6", "--image-size", "64", "--workers", "1", "--cache", str(tmp_path))
+    args = ("data", "synth", "--num-images", "6", "--image-size", "64", "--workers", "1", "--cache", str(tmp_path))
     code, _, err = run(capsys, *args)
     assert code == 130 and "interrupted" in err
     assert list((tmp_path / "synth").iterdir()) == []  # no dataset, no staging folder

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refground.bench import cmrin_bench as cb
-from refground.models.cmrin import GatedGraphConv
+from refground.methods.cmrin.model import GatedGraphConv
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,10 @@ import torch
 from conftest import TINY_CMRIN, fail, run_json
 from refground.eval.predictions import read_predictions
 from refground.graph import spatial_relations
-from refground.models.candidates import encode_queries, load_candidates, make_batch
-from refground.models.cmrin import CMRINConfig
-from refground.models.cmrin_run import predictions_path, run_dir, train_cmrin
+from refground.grounding.candidates import CandidateSpec, load_candidates, make_batch
+from refground.grounding.queries import encode_queries
+from refground.methods.cmrin.model import CMRINConfig
+from refground.methods.cmrin.run import predictions_path, run_dir, train_cmrin
 from refground.text.vocab import Vocabulary
 from refground.train import load_weights
 
@@ -114,7 +115,7 @@ def test_make_batch_matches_a_loop(pipeline_cache, synth_ds):
 
 
 def test_mirrored_relations_are_the_relations_of_mirrored_boxes():
-    from refground.models.candidates import HFLIP_RELATION, VFLIP_RELATION
+    from refground.grounding.candidates import HFLIP_RELATION, VFLIP_RELATION
 
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(40, 2, generator=g) * 200
@@ -132,8 +133,8 @@ def test_mirrored_relations_are_the_relations_of_mirrored_boxes():
 
 
 def test_make_batch_mirrors_selected_queries(pipeline_cache, synth_ds):
-    from refground.models.candidates import (HFLIP_RELATION, HFLIP_WORDS, VFLIP_RELATION, VFLIP_WORDS, Flips,
-                                             flip_word_map)
+    from refground.grounding.candidates import HFLIP_RELATION, HFLIP_WORDS, VFLIP_RELATION, VFLIP_WORDS, Flips
+    from refground.grounding.queries import flip_word_map
 
     c = load_candidates(synth_ds, features_file(pipeline_cache), "gt")
     vocab = Vocabulary.build([["left", "right", "above", "below", "beneath", "the"] * 6])
@@ -168,7 +169,7 @@ def test_make_batch_mirrors_selected_queries(pipeline_cache, synth_ds):
 def test_train_writes_run_and_hits(cache, capsys, tmp_path):
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY_CMRIN))
-    res = run_json(capsys, "train", "cmrin", "--cache", str(cache), "--config", str(cfg), "--name", "t")
+    res = run_json(capsys, "train", "cmrin", "--cache", str(cache), "--config", str(cfg), "--run", "t")
     run = Path(res["run"])
     assert res["cache_hit"] is False and res["best_epoch"] in (1, 2)
     for f in ("config.json", "vocab.json", "checkpoint.pt", "model.pt", "curve.json", "metrics.json", "manifest.json"):
@@ -177,7 +178,7 @@ def test_train_writes_run_and_hits(cache, capsys, tmp_path):
     curve = json.loads((run / "curve.json").read_text())
     assert [r["epoch"] for r in curve["epochs"]] == [1, 2]
     assert 0 <= res["metrics"]["precision@1"] <= 1 and res["queries_per_s"] > 0
-    again = run_json(capsys, "train", "cmrin", "--cache", str(cache), "--config", str(cfg), "--name", "t")
+    again = run_json(capsys, "train", "cmrin", "--cache", str(cache), "--config", str(cfg), "--run", "t")
     assert again["cache_hit"] is True and again["metrics"] == res["metrics"]
 
 
@@ -224,13 +225,13 @@ def test_train_option_errors(cache, capsys):
     assert "--epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--epochs", "0")
     assert "layers" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--variant", "instance", "--layers", "2")
     assert "--lr-decay-epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--lr-decay-epochs", "-1")
-    assert "run name" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--name", "../x")
+    assert "run name" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--run", "../x")
 
 
 # ------------------------------------------------------------------------------------------------- eval
 def test_eval_method_writes_predictions_that_rescore(trained, capsys, synth_ds):
     res = run_json(capsys, "eval", "--method", "cmrin", "--split", "val", "--cache", str(trained))
-    path = predictions_path(run_dir("synth", trained, "cmrin"), "val", "gt", 10)
+    path = predictions_path(run_dir("synth", trained, "cmrin"), "val", CandidateSpec())
     assert res["predictions"] == str(path) and path.is_file()
     comp = res["comprehension"]
     assert set(comp) >= {"all"} and 0 <= comp["all"]["precision@1"] <= 1
@@ -271,10 +272,10 @@ def test_eval_method_errors(trained, capsys, tmp_path):
 
 
 def test_report_cmrin_ablation(trained, capsys):
-    res = run_json(capsys, "report", "cmrin-ablation", "--cache", str(trained))
+    res = run_json(capsys, "report", "cmrin", "--cache", str(trained))
     assert [r["run"] for r in res["rows"]] == ["cmrin"]
     ev = run_json(capsys, "eval", "--method", "cmrin", "--split", "testA", "--cache", str(trained))
     assert res["rows"][0]["testA"] == ev["comprehension"]["all"]["precision@1"]
     md = Path(res["markdown_path"]).read_text()
     assert md.count("\n") == 3 and "(CMRIN)" in md
-    assert "refground train cmrin" in fail(capsys, "report", "cmrin-ablation", "--runs", "nope", "--cache", str(trained))
+    assert "refground train cmrin" in fail(capsys, "report", "cmrin", "--runs", "nope", "--cache", str(trained))

@@ -1,4 +1,4 @@
-"""CMRIN (refground.models.cmrin) against slow references written as plain loops, eq. by eq. (paper Sec. 3,
+"""CMRIN (refground.methods.cmrin.model) against slow references written as plain loops, eq. by eq. (paper Sec. 3,
 ../shared/papers/cmrin.txt), plus end-to-end checks of every Table 2 variant and a tiny learning check."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import math
 import pytest
 import torch
 
+from refground.boxes import spatial_feature
 from refground.errors import UsageError
-from refground.models.cmrin import (
+from refground.methods.cmrin.model import (
     CMRIN,
     NUM_EDGE_TYPES,
     VARIANTS,
     CMRINConfig,
     CrossModalRelationshipExtractor,
     GatedGraphConv,
-    spatial_feature,
     triplet_loss,
     variant_config,
 )

@@ -12,10 +12,11 @@ import torch
 from refground import progress
 from refground.boxes import box_iou
 from refground.features.base import DENSE_STRIDES, FeatureSource, ProposalSource
-from refground.features.detector import (CHECKPOINT_FILE, BuiltinDetector, DetectorConfig, DetectorModel,
-                                         file_sha256, load_checkpoint)
+from refground.errors import ArtifactError
+from refground.features.detector import BuiltinDetector, DetectorConfig, DetectorModel, file_sha256
 from refground.features.detector_train import (assign_dense, evaluate_detector, load_images, load_train_data,
                                                make_batch, split_image_ids, train_detector, training_losses)
+from refground.train import CHECKPOINT_FILE, MODEL_FILE, load_weights
 
 
 def tiny_config(**kw) -> DetectorConfig:
@@ -194,20 +195,37 @@ def test_dense_map_shapes(tiny_run, val_images):
     assert bool((p.boxes[:, 2] <= 160).all() and (p.boxes[:, 3] <= 100).all())
 
 
-def test_checkpoint_round_trip_and_identity(tiny_run, val_images):
+def test_run_folder_round_trip_and_identity(tiny_run, val_images, tmp_path):
     run, _ = tiny_run
     ids, images = val_images
-    state = torch.load(run / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = load_weights(run / CHECKPOINT_FILE)  # for resuming: the last epoch's model and optimizer
     assert state["epoch"] == 2 and "optimizer" in state
-    a, b = BuiltinDetector.load(run), BuiltinDetector.load(run / CHECKPOINT_FILE)
+    weights = load_weights(run / MODEL_FILE)  # the weights to use: the last epoch's
+    assert state_equal(weights, state["model"])
+    a, b = BuiltinDetector.load(run), BuiltinDetector.load(run / MODEL_FILE)
+    assert state_equal(a.model.state_dict(), weights)
     pa, pb = a.propose(images, ids, 15), b.propose(images, ids, 15)
     for x, y in zip(pa, pb):
         assert torch.equal(x.boxes, y.boxes) and torch.equal(x.features, y.features)
     ident = a.identity()
-    assert ident["kind"] == "builtin-detector" and ident["checkpoint"] == file_sha256(run / CHECKPOINT_FILE)
+    assert ident["kind"] == "builtin-detector" and ident["weights"] == file_sha256(run / MODEL_FILE)
     assert ident["config"]["feature_dim"] == 32 and json.dumps(ident)
     saved = json.loads((run / "config.json").read_text())
     assert DetectorConfig.from_dict(saved) == tiny_config()
+    # Without model.pt (or config.json), or with unreadable weights: a one-line ArtifactError.
+    for keep in (MODEL_FILE, "config.json"):  # a folder with only one of the two
+        bad = tmp_path / f"only-{keep}"
+        bad.mkdir()
+        (bad / keep).write_bytes((run / keep).read_bytes())
+        with pytest.raises(ArtifactError, match="no trained detector here"):
+            BuiltinDetector.load(bad)
+    bad = tmp_path / "garbled"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((run / "config.json").read_bytes())
+    (bad / MODEL_FILE).write_bytes(b"not a torch file")
+    with pytest.raises(ArtifactError, match="model.pt: unreadable weights") as exc:
+        BuiltinDetector.load(bad)
+    assert "\n" not in str(exc.value)
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -215,19 +233,20 @@ def test_checkpoint_round_trip_and_identity(tiny_run, val_images):
 
 def test_training_is_seeded_and_resumes_exactly(tiny_run, synth_ds, tmp_path):
     run, result = tiny_run
-    straight = load_checkpoint(run)["model"]
+    straight = load_weights(run / MODEL_FILE)
     assert result["cache_hit"] is False and result["resumed_from"] == 0
     # Same seed, new folder: the same weights.
     again = train_detector(synth_ds, tmp_path / "again", tiny_config(), seed=0, evaluate=False)
-    assert state_equal(load_checkpoint(tmp_path / "again")["model"], straight)
+    assert state_equal(load_weights(tmp_path / "again" / MODEL_FILE), straight)
     assert again["steps"] == result["steps"]
-    # Interrupt during epoch 2 (the tracker raises), then resume: continues after epoch 1, same weights.
-    seen = []
+    # Interrupt in the middle of epoch 2 (the tracker raises before its second step), then resume: epoch 2
+    # is redone from its start after epoch 1's checkpoint, and the weights are those of the straight run.
+    steps_per_epoch = result["steps"] // 2
+    assert steps_per_epoch >= 2
 
     def interrupting(iterable, total, description):
-        for item in iterable:
-            seen.append(description)
-            if description.endswith("epoch 2"):
+        for k, item in enumerate(iterable):
+            if "epoch 2/" in description and k == 1:
                 raise KeyboardInterrupt
             yield item
 
@@ -237,24 +256,35 @@ def test_training_is_seeded_and_resumes_exactly(tiny_run, synth_ds, tmp_path):
             train_detector(synth_ds, tmp_path / "resumed", tiny_config(), seed=0)
     finally:
         progress.set_tracker(None)
-    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
-    res = train_detector(synth_ds, tmp_path / "resumed", tiny_config(), seed=0)
-    assert res["resumed_from"] == 1 and res["epochs_trained_now"] == 1
-    assert state_equal(load_checkpoint(tmp_path / "resumed")["model"], straight)
-    curve = json.loads((tmp_path / "resumed" / "curve.json").read_text())
+    interrupted = tmp_path / "resumed"
+    assert load_weights(interrupted / CHECKPOINT_FILE)["epoch"] == 1
+    assert json.loads((interrupted / "manifest.json").read_text())["complete"] is False
+    assert not state_equal(load_weights(interrupted / MODEL_FILE), straight)  # epoch 1's weights
+    res = train_detector(synth_ds, interrupted, tiny_config(), seed=0)
+    assert res["resumed_from"] == 1 and res["epochs_trained_now"] == 1 and res["steps"] == result["steps"]
+    assert state_equal(load_weights(interrupted / MODEL_FILE), straight)
+    assert state_equal(load_weights(interrupted / CHECKPOINT_FILE)["model"], straight)
+    curve = json.loads((interrupted / "curve.json").read_text())
     assert [e["epoch"] for e in curve["epochs"]] == [1, 2]
-    assert [s["step"] for s in curve["steps"]] == list(range(1, res["steps"] + 1))
+    terms = {"objectness", "dense_box", "cls", "color", "size", "box"}
+    assert all(terms | {"loss", "seconds"} <= set(e) for e in curve["epochs"])
+
+    def timeless(c):
+        return {**c, "epochs": [{k: v for k, v in e.items() if k != "seconds"} for e in c["epochs"]]}
+
+    assert timeless(curve) == timeless(json.loads((run / "curve.json").read_text()))  # same losses as straight
     # Another seed gives other weights.
     other = tiny_config(epochs=1)
     train_detector(synth_ds, tmp_path / "seed1", other, seed=1, evaluate=False)
     train_detector(synth_ds, tmp_path / "seed0", other, seed=0, evaluate=False)
-    assert not state_equal(load_checkpoint(tmp_path / "seed1")["model"], load_checkpoint(tmp_path / "seed0")["model"])
+    assert not state_equal(load_weights(tmp_path / "seed1" / MODEL_FILE), load_weights(tmp_path / "seed0" / MODEL_FILE))
 
 
 def test_run_folder_and_cache_hit(tiny_run, synth_ds):
     run, result = tiny_run
-    for f in ("config.json", "checkpoint.pt", "curve.json", "metrics.json", "manifest.json"):
+    for f in ("config.json", "checkpoint.pt", "model.pt", "curve.json", "metrics.json", "manifest.json"):
         assert (run / f).is_file(), f
+    assert not (run / "vocab.json").exists()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["fingerprint"] == result["fingerprint"]
     assert "dataset" in manifest["parents"]
@@ -263,9 +293,11 @@ def test_run_folder_and_cache_hit(tiny_run, synth_ds):
     for key in ("referent_recall", "context_recall"):
         vals = [m[key][n] for n in ("1", "3", "5", "10", "20", "100")]
         assert all(0 <= v <= 1 for v in vals if v == v) and vals == sorted(vals)
-    before = file_sha256(run / CHECKPOINT_FILE)
+    before = {f: file_sha256(run / f) for f in (CHECKPOINT_FILE, MODEL_FILE, "manifest.json")}
     hit = train_detector(synth_ds, run, tiny_config(), seed=0)
-    assert hit["cache_hit"] is True and hit["metrics"] == m and file_sha256(run / CHECKPOINT_FILE) == before
+    assert hit["cache_hit"] is True and hit["metrics"] == m and hit["fingerprint"] == result["fingerprint"]
+    assert hit["train_images_per_s"] == result["train_images_per_s"]
+    assert {f: file_sha256(run / f) for f in before} == before  # a hit writes nothing
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -345,12 +377,12 @@ def test_cli_trains_then_skips(synth_cache, capsys, tmp_path):
     shutil.copytree(synth_cache / "synth" / "dataset", cache / "synth" / "dataset")
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(tiny_config(epochs=3).to_dict()))
-    args = ["train", "detector", "--cache", str(cache), "--dataset", "synth", "--name", "cli",
+    args = ["train", "detector", "--cache", str(cache), "--dataset", "synth", "--run", "cli",
             "--config", str(cfg), "--epochs", "1", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     run = cache / "synth" / "runs" / "detector" / "cli"
-    assert out["cache_hit"] is False and out["run"] == str(run) and (run / CHECKPOINT_FILE).is_file()
+    assert out["cache_hit"] is False and out["run"] == str(run) and (run / MODEL_FILE).is_file()
     assert json.loads((run / "config.json").read_text()) == tiny_config(epochs=1).to_dict()
     assert set(out["metrics"]["referent_recall"]) == {"1", "3", "5", "10", "20", "100"}
     assert main(args[:-1]) == 0
@@ -369,10 +401,9 @@ def test_cli_trains_then_skips(synth_cache, capsys, tmp_path):
 def test_cli_help_states_the_config_defaults():
     from typer.testing import CliRunner
 
-    import refground.cli.train_detector  # noqa: F401
-    from refground.cli.main import app
+    from refground.cli.main import build_app
 
-    out = CliRunner().invoke(app, ["train", "detector", "--help"], env={"COLUMNS": "200"}).output
+    out = CliRunner().invoke(build_app(), ["train", "detector", "--help"], env={"COLUMNS": "200"}).output
     d = DetectorConfig()
     for text in (f"default {d.epochs})", f"default {d.input_size};", f"default {d.batch_size})", f"default {d.lr})"):
         assert text in " ".join(out.split()), text

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from refground.cache import RaggedH5
-from refground.features.detector import CHECKPOINT_FILE, BuiltinDetector
+from refground import progress
+from refground.features.detector import BuiltinDetector
 from refground.features.detector_train import train_detector
+from refground.train import MODEL_FILE
 from refground.graph import spatial_relations
 from refground.graph_artifact import read_graph
 from conftest import fail, run_json
@@ -95,12 +97,12 @@ def test_extract_graph_hit_and_staleness(template, synth_ds, tmp_path, capsys):
     assert {("features", "detector-default.h5"), ("dense", "detector-default.zarr"),
             ("graph", "detector-default.h5"), ("runs/detector", "default")} <= kinds
 
-    # A changed checkpoint makes the features stale: later steps refuse them, verify says so, extract redoes.
-    ckpt = root / "synth" / "runs" / "detector" / "default" / CHECKPOINT_FILE
-    state = torch.load(ckpt, weights_only=True)
-    key = next(k for k in state["model"] if k.endswith("weight"))
-    state["model"][key] = state["model"][key] * 1.5
-    torch.save(state, ckpt)
+    # Changed detector weights make the features stale: later steps refuse them, verify says so, extract redoes.
+    weights = root / "synth" / "runs" / "detector" / "default" / MODEL_FILE
+    state = torch.load(weights, weights_only=True)
+    key = next(k for k in state if k.endswith("weight"))
+    state[key] = state[key] * 1.5
+    torch.save(state, weights)
     err = fail(capsys, "graph", "--cache", c)
     assert "stale (its detector changed since it was made); run `refground extract`" in err
     err = fail(capsys, "cache", "verify", "--cache", c)
@@ -112,7 +114,7 @@ def test_extract_graph_hit_and_staleness(template, synth_ds, tmp_path, capsys):
     assert run_json(capsys, "graph", "--cache", c)["status"] == "written"  # its input changed: rebuilt
     assert run_json(capsys, "cache", "verify", "--cache", c)["ok"]
     # Another parameter is another artifact state: recomputed, not reused.
-    fewer = run_json(capsys, "extract", "--cache", c, "--chunk-size", "8", "-n", "5", "--no-dense")
+    fewer = run_json(capsys, "extract", "--cache", c, "--chunk-size", "8", "--max-proposals", "5", "--no-dense")
     assert fewer["artifacts"]["features"]["status"] == "written"
     with RaggedH5(feats) as f:
         assert f.counts("proposals").max() <= 5
@@ -168,11 +170,39 @@ def test_missing_inputs_name_the_step(tmp_path, capsys):
     assert "run `refground data synth`" in fail(capsys, "graph", "--cache", str(tmp_path))
 
 
-def test_interrupted_detector_training_is_refused(template, tmp_path, capsys):
+def test_interrupted_detector_training_is_refused(template, synth_ds, tmp_path, capsys):
     root = clone(template, tmp_path / "c")
-    manifest = root / "synth" / "runs" / "detector" / "default" / "manifest.json"
-    m = json.loads(manifest.read_text())
-    m["complete"] = False  # what an interrupted `train detector` leaves: a checkpoint, no complete manifest
-    manifest.write_text(json.dumps(m))
+    run = root / "synth" / "runs" / "detector" / "default"
+    shutil.rmtree(run)
+
+    def interrupt_in(epoch):
+        def tracker(iterable, total, description):
+            if f"epoch {epoch}/" in description:
+                raise KeyboardInterrupt
+            yield from iterable
+        return tracker
+
+    def train(tracker=None):
+        progress.set_tracker(tracker)
+        try:
+            train_detector(synth_ds, run, tiny_config(epochs=2), seed=0, dataset_dir=root / "synth" / "dataset",
+                           evaluate=False)
+        finally:
+            progress.set_tracker(None)
+
+    # Stopped in epoch 1: no weights yet.
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupt_in(1))
+    assert not (run / MODEL_FILE).exists()
+    err = fail(capsys, "extract", "--cache", str(root))
+    assert "default: no trained built-in detector here; run `refground train detector`" in err
+    # Stopped in epoch 2: epoch 1's weights and checkpoint, but no complete manifest.
+    with pytest.raises(KeyboardInterrupt):
+        train(interrupt_in(2))
+    assert (run / MODEL_FILE).is_file() and json.loads((run / "manifest.json").read_text())["complete"] is False
     err = fail(capsys, "extract", "--cache", str(root))
     assert "default: incomplete; run `refground train detector`" in err
+    # Resumed to the end: accepted.
+    train()
+    res = run_json(capsys, "extract", "--cache", str(root), "--no-dense", "--max-proposals", "5")
+    assert res["artifacts"]["features"]["status"] == "written"

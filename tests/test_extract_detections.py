@@ -149,7 +149,7 @@ def test_artifact_layout_and_fingerprints(extracted, threshold, synth_ds, capsys
     assert hit["cache_hit"] and hit["artifacts"]["features"]["status"] == "hit"
     m0 = manifest(plain / feats)
     assert "detections" not in m0["params"]
-    res = run_json(capsys, "extract", "--cache", str(with_dets), "--no-dense", "-n", "20", "--detections",
+    res = run_json(capsys, "extract", "--cache", str(with_dets), "--no-dense", "--max-proposals", "20", "--detections",
                    "--detection-threshold", repr(threshold))
     assert res["artifacts"]["features"]["status"] == "written" and res["detections_per_image"] > 0
     m1 = manifest(with_dets / feats)
@@ -194,7 +194,7 @@ def test_shards_give_the_same_artifact(extracted, threshold, capsys, torch_one_t
     feats = Path("synth") / "features" / "detector-default.h5"
     c = shutil.copytree(with_dets, tmp_path / "c")
     (c / feats).unlink()
-    args = ["extract", "--cache", str(c), "--no-dense", "-n", "20", "--chunk-size", "8", "--detections",
+    args = ["extract", "--cache", str(c), "--no-dense", "--max-proposals", "20", "--chunk-size", "8", "--detections",
             "--detection-threshold", repr(threshold)]
     r1 = run_json(capsys, *args, "--shard", "2/2")
     assert r1["artifacts"]["features"]["status"] == "pending"

@@ -101,7 +101,7 @@ def test_bad_specs_are_one_line_errors(hf_cache, tmp_path, capsys):
         (["--detector", "yolo:x"], "expected builtin"),
         (["--detector", f"hf:{tmp_path / 'none'}"], "is not a folder"),
         (["--detector", f"mattnet:{tmp_path / 'none.json'}"], "is not a file"),
-        (["--detector", "builtin:nope"], "run `refground train detector --name nope`"),
+        (["--detector", "builtin:nope"], "run `refground train detector --run nope`"),
         (["--detector", "none"], "needs a --backbone"),
         (["--detector", "none", "--backbone", "x"], "expected builtin"),
         (["--shard", "3/2"], "--shard"),

@@ -61,7 +61,7 @@ def refer_root(tmp_path, cache, capsys) -> Path:
     """refer files (dataset folders refcoco and refclef) exported from "tiny"."""
     out = tmp_path / "refer"
     for name, split_by in (("refcoco", "unc"), ("refclef", "berkeley")):
-        assert main(["data", "export", "-d", "tiny", "--format", "refer", "--out", str(out), "--name", name,
+        assert main(["data", "export", "-d", "tiny", "--format", "refer", "--out-dir", str(out), "--corpus", name,
                      "--split-by", split_by, "--cache", str(cache)]) == 0
     capsys.readouterr()
     return out
@@ -70,7 +70,7 @@ def refer_root(tmp_path, cache, capsys) -> Path:
 @pytest.fixture()
 def flickr_root(tmp_path, cache, capsys) -> Path:
     out = tmp_path / "flickr"
-    assert main(["data", "export", "-d", "tiny", "--format", "flickr30k", "--out", str(out), "--cache",
+    assert main(["data", "export", "-d", "tiny", "--format", "flickr30k", "--out-dir", str(out), "--cache",
                  str(cache)]) == 0
     capsys.readouterr()
     return out
@@ -78,8 +78,8 @@ def flickr_root(tmp_path, cache, capsys) -> Path:
 
 def test_export_then_import_refcoco(capsys, tmp_path, cache, refer_root):
     assert (refer_root / "images" / "one.png").read_bytes() == b"1"
-    code, out, err = run(capsys, "data", "import-refcoco", "--root", refer_root, "--dataset", "refcoco",
-                         "--split-by", "unc", "--images", refer_root / "images", "--cache", cache, "--name", "tiny2")
+    code, out, err = run(capsys, "data", "import-refcoco", "--root", refer_root, "--corpus", "refcoco",
+                         "--split-by", "unc", "--images", refer_root / "images", "--cache", cache, "--dataset", "tiny2")
     assert code == 0, err
     dest = cache / "tiny2" / "dataset"
     assert out.strip().splitlines() == [f"imported tiny2: 2 images, 3 objects, 3 queries -> {dest}"]
@@ -90,12 +90,12 @@ def test_export_then_import_refcoco(capsys, tmp_path, cache, refer_root):
     assert back.meta["image_root"] == str((refer_root / "images").resolve())
     # The same inputs again: skipped; --force imports again; --json is one object on stdout.
     code, out, err = run(capsys, "data", "import-refcoco", "--root", refer_root, "--images", refer_root / "images",
-                         "--cache", cache, "--name", "tiny2", "--json")
+                         "--cache", cache, "--dataset", "tiny2", "--json")
     assert code == 0 and json.loads(out)["skipped"] is True and "skipping" in err
     result = json.loads(out)
     assert (result["images"], result["objects"], result["queries"], result["expressions"]) == (2, 3, 3, 3)
     code, out, _ = run(capsys, "data", "import-refcoco", "--root", refer_root, "--images", refer_root / "images",
-                       "--cache", cache, "--name", "tiny2", "--json", "--force")
+                       "--cache", cache, "--dataset", "tiny2", "--json", "--force")
     assert code == 0 and json.loads(out)["skipped"] is False
 
 
@@ -110,7 +110,7 @@ def test_import_referit_default_name(capsys, cache, refer_root):
 def test_export_then_import_flickr30k(capsys, tmp_path, cache, flickr_root):
     assert (flickr_root / "flickr30k_images" / "two.png").read_bytes() == b"2"
     code, out, err = run(capsys, "data", "import-flickr30k", "--root", flickr_root, "--images",
-                         flickr_root / "flickr30k_images", "--cache", cache, "--name", "exact")
+                         flickr_root / "flickr30k_images", "--cache", cache, "--dataset", "exact")
     assert code == 0, err
     ds = tiny()
     assert load_named("exact", cache).queries() == ds.queries(task="caption")  # the sidecar restores everything
@@ -127,18 +127,18 @@ def test_export_then_import_flickr30k(capsys, tmp_path, cache, flickr_root):
 
 
 def test_export_notes_and_json(capsys, tmp_path, cache):
-    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--format", "refer", "--out", tmp_path / "x",
+    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--format", "refer", "--out-dir", tmp_path / "x",
                          "--cache", cache)
     assert code == 0 and "2 caption queries skipped" in err
     assert out.strip() == ("exported tiny as refer: 2 images, 3 objects, 2 refs, 3 sentences, 2 image files -> "
                            f"{tmp_path / 'x' / 'tiny'}")
-    code, out, _ = run(capsys, "data", "export", "-d", "tiny", "--format", "flickr30k", "--out", tmp_path / "y",
+    code, out, _ = run(capsys, "data", "export", "-d", "tiny", "--format", "flickr30k", "--out-dir", tmp_path / "y",
                        "--cache", cache, "--json")
     assert code == 0 and json.loads(out)["skipped_expressions"] == 3
 
 
 def _assert_error(capsys, args, cache: Path, name: str, *parts: str) -> None:
-    code, out, err = run(capsys, *args, "--cache", cache, "--name", name)
+    code, out, err = run(capsys, *args, "--cache", cache, "--dataset", name)
     lines = err.strip().splitlines()
     assert code == 2 and out == ""
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -148,7 +148,7 @@ def _assert_error(capsys, args, cache: Path, name: str, *parts: str) -> None:
 
 
 def _refcoco_args(root: Path, split_by: str = "unc") -> list:
-    return ["data", "import-refcoco", "--root", root, "--dataset", "refcoco", "--split-by", split_by, "--images", root]
+    return ["data", "import-refcoco", "--root", root, "--corpus", "refcoco", "--split-by", split_by, "--images", root]
 
 
 def test_refer_bad_inputs(capsys, tmp_path, cache, refer_root):
@@ -157,7 +157,7 @@ def test_refer_bad_inputs(capsys, tmp_path, cache, refer_root):
                   "refer data root not found")
     _assert_error(capsys, _refcoco_args(refer_root, "google"), cache, "r2", "unknown split-by 'google' for refcoco",
                   "expected one of: unc")
-    _assert_error(capsys, ["data", "import-refcoco", "--root", refer_root, "--dataset", "refclef", "--images",
+    _assert_error(capsys, ["data", "import-refcoco", "--root", refer_root, "--corpus", "refclef", "--images",
                            refer_root], cache, "r3", "unknown dataset 'refclef'", "refcoco+")
 
     refs_path = folder / "refs(unc).p"
@@ -176,7 +176,7 @@ def test_refer_bad_inputs(capsys, tmp_path, cache, refer_root):
     inst_path.write_text(json.dumps(inst))
     _assert_error(capsys, _refcoco_args(refer_root), cache, "r6", str(inst_path), "annotation 12",
                   "lies outside the 30x20 image", "--skip-invalid")
-    code, out, _ = run(capsys, *_refcoco_args(refer_root), "--cache", cache, "--name", "r6", "--skip-invalid")
+    code, out, _ = run(capsys, *_refcoco_args(refer_root), "--cache", cache, "--dataset", "r6", "--skip-invalid")
     assert code == 0 and "(1 objects dropped/clipped)" in out
     inst_path.write_text(inst_text)
 
@@ -218,11 +218,11 @@ def test_flickr_bad_inputs(capsys, tmp_path, cache, flickr_root):
 
 
 def test_export_bad_inputs(capsys, tmp_path, cache):
-    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--format", "coco", "--out", tmp_path,
+    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--format", "coco", "--out-dir", tmp_path,
                          "--cache", cache)
     assert code == 2 and err.strip() == "error: unknown format 'coco'; expected one of: refer, flickr30k"
-    code, out, err = run(capsys, "data", "export", "-d", "nope", "--out", tmp_path / "o", "--cache", cache)
+    code, out, err = run(capsys, "data", "export", "-d", "nope", "--out-dir", tmp_path / "o", "--cache", cache)
     assert code == 2 and "missing manifest.json" in err and not (tmp_path / "o").exists()
-    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--out", tmp_path / "o", "--split-by", "../x",
+    code, out, err = run(capsys, "data", "export", "-d", "tiny", "--out-dir", tmp_path / "o", "--split-by", "../x",
                          "--cache", cache)
     assert code == 2 and "invalid split-by '../x'" in err and not (tmp_path / "o").exists()

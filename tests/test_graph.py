@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from refground.boxes import spatial_feature as spatial_features
 from refground.bench.graph_bench import relation_boxes, relation_reference, spatial_relations_reference
 from refground.graph import (
     NUM_RELATIONS,
     RELATION_NAMES,
     _far_threshold,
-    spatial_features,
     spatial_relations,
     spatial_relations_many,
 )

@@ -15,7 +15,7 @@ import pytest
 from conftest import fail, run_json
 from refground.data.model import Dataset, Image, Mention, Object, Query
 from refground.errors import ArtifactError, UsageError
-from refground.pseudo import (build_pseudo_vlnms, evaluate_pseudo, load_pseudo_vlnms, pseudo_contexts, pseudo_path,
+from refground.methods.vlnms.pseudo import (build_pseudo_vlnms, evaluate_pseudo, load_pseudo_vlnms, pseudo_contexts, pseudo_path,
                               read_pseudo)
 from refground.text.nouns import NounLexicon, extract_nouns
 from refground.text.wordvec import WordVectors, toolkit_vectors
@@ -213,7 +213,6 @@ def test_artifact_with_glove_file(cache, synth_ds, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli(cache, capsys, tmp_path, monkeypatch):
-    from refground.cli import pseudo as _pseudo  # noqa: F401  (registers the command)
     from refground.cli.main import main
 
     res = run_json(capsys, "pseudo", "vlnms", "--cache", str(cache))

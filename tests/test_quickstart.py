@@ -7,8 +7,9 @@ import json
 import pytest
 
 from conftest import TINY_CMRIN
-from refground.models.cmrin import CMRINConfig
-from refground.quickstart import SPLITS, run_quickstart
+from refground.methods.cmrin.model import CMRINConfig
+from refground.quickstart import run_quickstart
+from refground.tables import EVAL_SPLITS as SPLITS
 from test_detector import tiny_config
 
 

@@ -26,8 +26,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def cmrin_cache(pipeline_cache, tmp_path_factory, one_thread):
     """A copy of the pipeline cache with one tiny CMRIN run "cmrin" and one "instance" run (no gates)."""
-    from refground.models.cmrin import CMRINConfig, variant_config
-    from refground.models.cmrin_run import train_cmrin
+    from refground.methods.cmrin.model import CMRINConfig, variant_config
+    from refground.methods.cmrin.run import train_cmrin
 
     root = tmp_path_factory.mktemp("show_cmrin") / "cache"
     shutil.copytree(pipeline_cache, root)

@@ -288,7 +288,7 @@ def test_deterministic_and_independent_of_workers(tmp_path):
     assert man["complete"] and man["params"]["seed"] == 5 and "workers" not in man["params"]
 
 
-@pytest.mark.parametrize("kw, word", [({"num_images": 0}, "--images"), ({"image_size": 32}, "--image-size"),
+@pytest.mark.parametrize("kw, word", [({"num_images": 0}, "--num-images"), ({"image_size": 32}, "--image-size"),
                                      ({"seed": -1}, "--seed"), ({"workers": 0}, "--workers"),
                                      ({"split_fractions": (0.5, 0.5, 0.5, 0.0)}, "split fractions")])
 def test_bad_parameters(kw, word):
@@ -299,12 +299,12 @@ def test_bad_parameters(kw, word):
 def test_cli(tmp_path, capsys):
     from refground.cli.main import main
 
-    assert main(["data", "synth", "--images", "0", "--cache", str(tmp_path)]) == 2
+    assert main(["data", "synth", "--num-images", "0", "--cache", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "--images" in err and len(err.strip().splitlines()) == 1
+    assert "error:" in err and "--num-images" in err and len(err.strip().splitlines()) == 1
     assert main(["data", "synth", "--image-size", "63", "--cache", str(tmp_path)]) == 2
     assert "--image-size" in capsys.readouterr().err
-    args = ["data", "synth", "--images", "6", "--image-size", "64", "--cache", str(tmp_path), "-d", "tiny",
+    args = ["data", "synth", "--num-images", "6", "--image-size", "64", "--cache", str(tmp_path), "-d", "tiny",
             "--workers", "1", "--json"]
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)

@@ -16,8 +16,8 @@ from refground.cache import RaggedH5
 from refground.data.store import load_dataset
 from refground.errors import UsageError
 from refground.eval.predictions import read_predictions
-from refground.models.vlnms import VLNMSConfig
-from refground.models.vlnms_run import (apply_vlnms, encode_vlnms_queries, load_detections, load_vlnms_run, make_vlnms_batch,
+from refground.methods.vlnms.model import VLNMSConfig
+from refground.methods.vlnms.run import (apply_vlnms, encode_vlnms_queries, load_detections, load_vlnms_run, make_vlnms_batch,
                                         proposals_path, relatedness_scores, run_dir, train_vlnms)
 from refground.text.vocab import Vocabulary
 from refground.train import load_weights
@@ -181,7 +181,7 @@ def test_rerun_hits_and_training_is_deterministic(vcache, capsys):
     wa = load_weights(run_dir("synth", vcache, "rank-a") / "model.pt")
     wb = load_weights(run_dir("synth", vcache, "rank-b") / "model.pt")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    hit = run_json(capsys, "train", "vlnms", "--loss", "rank", "--name", "rank-a", "--seed", "1",
+    hit = run_json(capsys, "train", "vlnms", "--loss", "rank", "--run", "rank-a", "--seed", "1",
                    "--config", str(vcache.parent / "vlnms.json"), "--cache", str(vcache))
     assert hit["cache_hit"] is True
 
@@ -216,7 +216,7 @@ def test_errors_are_one_line(vcache, pipeline_cache, capsys, tmp_path):
     assert "--run NAME, or --confidence-only" in fail(capsys, "vlnms", *c)
     assert "--run NAME, or --confidence-only" in fail(capsys, "vlnms", "--run", "fc-bce", "--confidence-only", *c)
     assert "refground train vlnms" in fail(capsys, "vlnms", "--run", "nope", *c)
-    assert "reserved" in fail(capsys, "train", "vlnms", "--name", "confidence", *c)
+    assert "reserved" in fail(capsys, "train", "vlnms", "--run", "confidence", *c)
     assert "--candidates" in fail(capsys, "eval", "--method", "cmrin", "--candidates", "nms", "--split", "val", *c)
     assert "refground vlnms" in fail(capsys, "eval", "--method", "cmrin", "--candidates", "vlnms", "--vlnms-run",
                                      "never-applied", "--split", "testB", *c)
@@ -232,7 +232,7 @@ def test_errors_are_one_line(vcache, pipeline_cache, capsys, tmp_path):
 
 
 def test_bucket_batches_cover_every_item_once():
-    from refground.models.vlnms_run import bucket_batches
+    from refground.methods.vlnms.run import bucket_batches
 
     items = np.arange(100, 1100)
     sizes = np.random.default_rng(0).integers(10, 170, size=len(items))

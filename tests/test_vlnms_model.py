@@ -1,4 +1,4 @@
-"""VL-NMS (refground.models.vlnms) against slow references written as plain loops (paper Sec. 3,
+"""VL-NMS (refground.methods.vlnms.model) against slow references written as plain loops (paper Sec. 3,
 ../shared/papers/vlnms.txt): eqs. 1-2 per box and word, eq. 4 against torch's BCE, eq. 5's sampling-after-
 splitting pairs against a Python loop, eqs. 6-7, and the fused-score NMS against per-query batched_nms."""
 
@@ -11,16 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from refground.boxes import fused_nms
 from refground.boxes import batched_nms, box_area, nms
 from refground.errors import UsageError
-from refground.models.vlnms import (
+from refground.methods.vlnms.model import (
     RelatednessFC,
     RelatednessTrans,
     VLNMSConfig,
     bce_loss,
     build_relatedness,
     decode_deltas,
-    fused_nms,
     q_values,
     ranking_loss,
     ranking_pairs,

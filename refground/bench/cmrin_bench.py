@@ -1,4 +1,4 @@
-"""Benchmarks of CMRIN (:mod:`refground.models.cmrin`): training throughput, inference latency and the
+"""Benchmarks of CMRIN (:mod:`refground.methods.cmrin.model`): training throughput, inference latency and the
 gated graph convolution.
 
 - ``cmrin_train``: queries/s of one training step (make_batch + forward + :func:`triplet_loss` + backward +
@@ -30,8 +30,10 @@ from torch import Tensor
 from refground.bench import BenchResult, best_time, register
 from refground.bench.graph_bench import relation_boxes
 from refground.graph import spatial_relations_many
-from refground.models.candidates import CandidateSet, QueryTable, make_batch
-from refground.models.cmrin import CMRIN, CMRINConfig, GatedGraphConv, spatial_feature, triplet_loss
+from refground.grounding.candidates import CandidateSet, make_batch
+from refground.grounding.queries import QueryTable
+from refground.boxes import spatial_feature
+from refground.methods.cmrin.model import CMRIN, CMRINConfig, GatedGraphConv, triplet_loss
 
 SYNTH_VOCAB = 63          # words of the default world's vocabulary (min count 6), padding included
 SYNTH_TRAIN_QUERIES = 25_279  # training expressions of the default 5000-image world
@@ -79,7 +81,8 @@ def _real_world(cache: str) -> tuple[CandidateSet, QueryTable, QueryTable, int, 
     from refground.errors import RefgroundError
     from refground.features.pipeline import features_path
     from refground.graph_artifact import graph_path
-    from refground.models.candidates import encode_queries, encode_query_rows, feature_stats, load_candidates
+    from refground.grounding.candidates import feature_stats, load_candidates
+    from refground.grounding.queries import encode_queries, encode_query_rows
     from refground.text.vocab import Vocabulary
 
     try:

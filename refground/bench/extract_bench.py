@@ -89,6 +89,7 @@ def extract_rate(quick: bool, seed: int) -> list[BenchResult]:
     from refground.data.synth import write_synthetic
     from refground.features import extract as X
     from refground.features.detector import BuiltinDetector, DetectorConfig, DetectorModel
+    from refground.train import MODEL_FILE
 
     n = 64 if quick else 320
     trained = cache_root() / "synth" / "runs" / "detector" / "default"
@@ -96,7 +97,7 @@ def extract_rate(quick: bool, seed: int) -> list[BenchResult]:
         write_synthetic(dataset_dir("synth", d), name="synth", num_images=n, seed=seed + 1, image_size=256,
                         workers=1)
         ds = load_dataset(dataset_dir("synth", d))
-        if (trained / "checkpoint.pt").is_file():
+        if (trained / MODEL_FILE).is_file():
             det, note = BuiltinDetector.load(trained), f"trained detector {trained}"
         else:
             torch.manual_seed(seed)

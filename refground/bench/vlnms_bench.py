@@ -1,4 +1,4 @@
-"""Benchmarks of VL-NMS (:mod:`refground.models.vlnms`, :mod:`refground.models.vlnms_run`).
+"""Benchmarks of VL-NMS (:mod:`refground.methods.vlnms.model`, :mod:`refground.methods.vlnms.run`).
 
 - ``vlnms_nms``: :func:`fused_nms` for the 7 queries of one image over 81 pre-NMS detections (the default
   world's means), top 100 each, against a baseline of one ``refground.boxes.batched_nms`` per query; both
@@ -37,7 +37,7 @@ def _detections(rng: np.random.Generator, k: int) -> tuple[torch.Tensor, torch.T
 
 @register("vlnms_nms")
 def bench_vlnms_nms(quick: bool, seed: int) -> list[BenchResult]:
-    from refground.models.vlnms import fused_nms
+    from refground.boxes import fused_nms
 
     rng = np.random.default_rng(seed)
     boxes, conf, labels = _detections(rng, DETECTIONS)
@@ -62,9 +62,9 @@ def bench_vlnms_nms(quick: bool, seed: int) -> list[BenchResult]:
 
 @register("vlnms_score")
 def bench_vlnms_score(quick: bool, seed: int) -> list[BenchResult]:
-    from refground.models.vlnms import VLNMSConfig, build_relatedness
-    from refground.models.vlnms_run import (DetectionSet, VLNMSQueries, make_vlnms_batch, relatedness_scores)
-    from refground.models.candidates import QueryTable
+    from refground.methods.vlnms.model import VLNMSConfig, build_relatedness
+    from refground.methods.vlnms.run import (DetectionSet, VLNMSQueries, make_vlnms_batch, relatedness_scores)
+    from refground.grounding.queries import QueryTable
 
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)

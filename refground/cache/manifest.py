@@ -189,6 +189,15 @@ def is_current(artifact: str | Path, expected: str) -> bool:
     return m is not None and m.complete and m.fingerprint == expected and Path(artifact).exists()
 
 
+def current_extra(artifact: str | Path, expected: str, force: bool = False) -> dict[str, Any] | None:
+    """The manifest's ``extra`` figures of an artifact that is complete with fingerprint ``expected`` (a cache
+    hit: ``{}`` when it recorded none), else None: the artifact must be (re)written. ``force`` never hits."""
+    if force or not is_current(artifact, expected):
+        return None
+    m = read_manifest_of(artifact)
+    return dict(m.extra) if m and m.extra else {}
+
+
 def stale_parents(m: Manifest) -> list[str]:
     """Roles of the parents of ``m`` whose fingerprint changed (or that vanished) since it was made."""
     out = []

@@ -30,7 +30,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
@@ -42,19 +42,12 @@ from refground.eval.metrics import (
     mask_intersection_union, mask_stats_from_counts, matched_box_iou, phrase_hits, pointit_hits,
     proposal_hit_ranks, recall_from_ranks,
 )
+from refground.tables import TableData
 from refground.eval.predictions import PhrasePrediction, Predictions, QueryPrediction, read_predictions
 
 SECTIONS = ("comprehension", "segmentation", "proposals", "phrase_grounding")
 
 Figures = dict[str, Any]
-
-
-class TableData(NamedTuple):
-    """A rich-free table: title, column names, rows of plain values (None shown as "-")."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[Any]]
 
 
 @dataclass

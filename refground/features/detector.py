@@ -15,13 +15,16 @@ Images of any size are resized (aspect kept) so that the longer side is ``input_
 square; boxes are mapped back to the pixels of the original image. All box math is
 :mod:`refground.boxes`.
 
+A trained detector is a run folder of ``refground train detector`` (:mod:`refground.train` layout): its
+weights are ``model.pt`` and its :class:`DetectorConfig` is ``config.json``; nothing else in the folder
+(``checkpoint.pt`` is only for resuming training) is read to load it.
+
 Public API: :class:`DetectorConfig`, :class:`DetectorModel`, :class:`BuiltinDetector`,
 :func:`prepare_images`, :func:`normalize_images`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,10 +38,9 @@ from torch import Tensor, nn
 from refground.boxes import BoxCoder, clip_boxes_to_image, nms, remove_small_boxes, roi_align
 from refground.errors import ArtifactError, DataError
 from refground.features.base import DENSE_STRIDES, Proposals
+from refground.train import CONFIG_FILE, MODEL_FILE, load_weights, read_json
 
 KIND = "builtin-detector"
-CONFIG_FILE = "config.json"
-CHECKPOINT_FILE = "checkpoint.pt"
 
 # Fixed input normalisation (trained from scratch, so any fixed affine map works; this one puts uint8
 # pixels roughly in [-2, 2]). Padding is 0 after normalisation, i.e. mid-grey.
@@ -66,7 +68,7 @@ class DetectorConfig:
     """Every hyper-parameter of the detector and its training (saved as ``config.json`` in the run folder).
 
     Architecture and inference parameters are part of the model's identity; training parameters describe how
-    the checkpoint was made (they go into the run's fingerprint too).
+    the weights were made (they go into the run's fingerprint too).
     """
 
     # -------------------------------------------------------------- vocabulary (heads' output spaces)
@@ -129,7 +131,7 @@ class DetectorConfig:
 
     def architecture(self) -> dict[str, Any]:
         """The parameters that define the network and its outputs: not how it was trained (that is in the
-        checkpoint's digest), nor the inference batch size."""
+        weights' digest), nor the inference batch size."""
         other = {"epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "center_radius", "rois_per_image",
                  "fg_fraction", "train_pre_nms_top_n", "train_proposals", "jitter_per_object", "flip",
                  "inference_batch"}
@@ -404,26 +406,15 @@ def file_sha256(path: str | Path) -> str:
     return file_digest(path)
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder (holding ``checkpoint.pt``) or a checkpoint file -> the checkpoint file."""
+def resolve_run(path: str | Path) -> Path:
+    """A detector run folder, or a file in one (e.g. its ``model.pt``) -> the folder, which must hold the
+    weights ``model.pt`` and the config ``config.json``; else a one-line ArtifactError."""
     path = Path(path)
-    ckpt = path / CHECKPOINT_FILE if path.is_dir() else path
-    if not ckpt.is_file():
-        raise ArtifactError(f"{ckpt}: no detector checkpoint; run `refground train detector` first")
-    return ckpt
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint file safely (``weights_only=True``): {"model", "config", "epoch", ...}."""
-    ckpt = resolve_checkpoint(path)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise ArtifactError(f"{ckpt}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
-                            "re-run `refground train detector --force`") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ArtifactError(f"{ckpt}: not a detector checkpoint; re-run `refground train detector --force`")
-    return state
+    run = path if path.is_dir() else path.parent
+    if not (run / MODEL_FILE).is_file() or not (run / CONFIG_FILE).is_file():
+        raise ArtifactError(f"{run}: no trained detector here ({MODEL_FILE} and {CONFIG_FILE}); "
+                            "run `refground train detector`")
+    return run
 
 
 class BuiltinDetector:
@@ -439,10 +430,10 @@ class BuiltinDetector:
     ``dense_maps`` on the same list of images run the backbone once.
     """
 
-    def __init__(self, model: DetectorModel, checkpoint_sha256: str = "") -> None:
+    def __init__(self, model: DetectorModel, weights_sha256: str = "") -> None:
         self.model = model.eval()
         self.config = model.config
-        self.checkpoint_sha256 = checkpoint_sha256
+        self.weights_sha256 = weights_sha256
         self.class_names = list(self.config.class_names)
         self.color_names = list(self.config.color_names)
         self.size_names = list(self.config.size_names)
@@ -454,20 +445,29 @@ class BuiltinDetector:
 
     @classmethod
     def load(cls, path: str | Path) -> "BuiltinDetector":
-        """From a run folder (``<cache>/<dataset>/runs/detector/<name>/``) or a checkpoint file."""
-        ckpt = resolve_checkpoint(path)
-        state = load_checkpoint(ckpt)
+        """From a run folder (``<cache>/<dataset>/runs/detector/<name>/``, or a file in it): the model of its
+        ``config.json`` with the weights of its ``model.pt`` (see :func:`resolve_run`)."""
+        run = resolve_run(path)
+        remedy = "re-run `refground train detector --force`"
+        cfg = read_json(run / CONFIG_FILE)
+        if not isinstance(cfg, dict):
+            raise ArtifactError(f"{run / CONFIG_FILE}: unreadable detector config; {remedy}")
         try:
-            config = DetectorConfig.from_dict(state["config"])
-            model = DetectorModel(config)
-            model.load_state_dict(state["model"])
+            state = load_weights(run / MODEL_FILE)
+        except Exception as exc:  # unpickling errors come in many types
+            first = (str(exc).splitlines() or [""])[0]
+            raise ArtifactError(f"{run / MODEL_FILE}: unreadable weights ({type(exc).__name__}: {first}); "
+                                f"{remedy}") from None
+        try:
+            model = DetectorModel(DetectorConfig.from_dict(cfg))
+            model.load_state_dict(state)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"{ckpt}: checkpoint does not fit this version of the detector "
-                                f"({str(exc).splitlines()[0]}); re-run `refground train detector --force`") from None
-        return cls(model, file_sha256(ckpt))
+            raise ArtifactError(f"{run}: weights or config do not fit this version of the detector "
+                                f"({str(exc).splitlines()[0]}); {remedy}") from None
+        return cls(model, file_sha256(run / MODEL_FILE))
 
     def identity(self) -> dict[str, Any]:
-        return {"kind": KIND, "checkpoint": self.checkpoint_sha256, "config": self.config.architecture()}
+        return {"kind": KIND, "weights": self.weights_sha256, "config": self.config.architecture()}
 
     # ---------------------------------------------------------------------------------- backbone
     def _maps(self, images: list[np.ndarray]) -> tuple[dict[int, Tensor], Tensor, list[tuple[int, int]]]:
@@ -639,17 +639,5 @@ class BuiltinDetector:
         return t[0]
 
 
-def save_config(config: DetectorConfig, path: Path) -> None:
-    """Write ``config.json`` (sorted keys) atomically."""
-    from refground.atomic import atomic_file
-
-    with atomic_file(Path(path)) as fh:
-        json.dump(config.to_dict(), fh, indent=1, sort_keys=True)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
-__all__ = ["BuiltinDetector", "DetectorConfig", "DetectorModel", "file_sha256", "load_checkpoint",
-           "normalize_images", "prepare_images", "resolve_checkpoint", "save_config"]
+__all__ = ["BuiltinDetector", "DetectorConfig", "DetectorModel", "file_sha256", "normalize_images",
+           "prepare_images", "resolve_run"]

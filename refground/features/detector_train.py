@@ -12,10 +12,11 @@ Training reads the images of the train split once into one uint8 tensor (resized
   cross-entropy for the category (+ background) on all of them, for colour and size and smooth-L1 box
   refinement on the foreground.
 
-AdamW with linear warm-up and cosine decay, computed from the global step so that a resumed run follows the
-same schedule; every random draw of an epoch comes from a generator seeded with (seed, epoch), so training
-E epochs in one go or resuming after epoch k gives the same weights. The checkpoint (model, optimizer,
-epoch, step) is written atomically at the end of every epoch.
+Training runs through :func:`refground.train.fit`, the loop the methods use (run folder, epoch checkpoints,
+resume, curve): AdamW with linear warm-up and cosine decay, computed from the global step so that a resumed
+run follows the same schedule, gradient norm clipped at 10; every random draw of an epoch (image order,
+flips, RoI sampling) comes from the epoch's torch generator of :func:`refground.train.epoch_rng`, so training
+E epochs in one go or resuming after epoch k gives the same weights.
 
 Measured choices for the default (synthetic world, 3500 train images of 256 px, 2 shared CPU cores):
 images stay at 256 px (the hard categories are the small objects: circle vs hexagon, cross vs diamond, and
@@ -39,22 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from refground.atomic import atomic_file
 from refground.boxes import (box_convert, box_iou, clip_boxes_to_image, elementwise_box_iou, nms,
                              remove_small_boxes)
 from refground.data.model import Dataset
 from refground.errors import DataError, UsageError
 from refground.features.base import read_image
-from refground.features.detector import (CHECKPOINT_FILE, CONFIG_FILE, BuiltinDetector, DetectorConfig,
-                                         DetectorModel, file_sha256, load_checkpoint, normalize_images,
-                                         save_config)
+from refground.features.detector import (BuiltinDetector, DetectorConfig, DetectorModel, file_sha256,
+                                         normalize_images)
 from refground.progress import track
-from refground.train import read_json, write_json
+from refground.train import METRICS_FILE, MODEL_FILE, RunSpec, fit, write_json
 
 STEP = "train-detector"
-STEP_VERSION = 1
-CURVE_FILE = "curve.json"
-METRICS_FILE = "metrics.json"
+STEP_VERSION = 2  # 2: the run folder of refground.train (model.pt; checkpoint.pt without the config)
 RECALL_NS = (1, 3, 5, 10, 20, 100)
 
 
@@ -326,46 +323,6 @@ def training_losses(model: DetectorModel, batch: Batch, generator: torch.Generat
 # ----------------------------------------------------------------------------------------- training
 
 
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-
-
-def train_epochs(model: DetectorModel, optimizer: torch.optim.Optimizer, data: TrainData, seed: int,
-                 epochs: range, step: int, total_steps: int, on_epoch=None,
-                 curve: list[dict[str, Any]] | None = None) -> int:
-    """Run the given epochs; returns the global step. ``on_epoch(epoch, step)`` runs after each epoch."""
-    c = model.config
-    n = len(data)
-    steps_per_epoch = max(1, n // c.batch_size)  # the last partial batch is dropped (BN wants full ones)
-    for epoch in epochs:
-        g = _epoch_generator(seed, epoch)
-        order = torch.randperm(n, generator=g)
-        model.train()
-        sums: dict[str, float] = {}
-        it = track(range(steps_per_epoch), total=steps_per_epoch, description=f"detector epoch {epoch + 1}")
-        for i in it:
-            idx = order[i * c.batch_size:(i + 1) * c.batch_size].tolist()
-            flip = torch.rand(len(idx), generator=g) < 0.5 if c.flip else None
-            batch = make_batch(data, idx, flip)
-            lr = _lr_at(step, total_steps, c)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses = training_losses(model, batch, g)
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            optimizer.step()
-            step += 1
-            vals = {k: float(v.detach()) for k, v in losses.items()}
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if curve is not None:
-                curve.append({"step": step, "epoch": epoch + 1, "lr": lr, **{k: round(v, 5) for k, v in vals.items()}})
-        if on_epoch is not None:
-            on_epoch(epoch, step, {k: v / steps_per_epoch for k, v in sums.items()})
-    return step
-
-
 def _make_optimizer(model: DetectorModel, config: DetectorConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, prm in model.named_parameters():
@@ -386,34 +343,15 @@ def _dataset_dir_of(ds: Dataset) -> Path | None:
     return d if (d / "manifest.json").is_file() else None
 
 
-def run_plan(ds: Dataset, config: DetectorConfig, seed: int, dataset_dir: Path | None = None
-             ) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """(params, parents, fingerprint) of a detector run: the config, the seed and the dataset it reads."""
-    from refground.cache import fingerprint, parent
-    from refground.cache.manifest import parent_fingerprints
+def run_spec(ds: Dataset, out_dir: str | Path, config: DetectorConfig, seed: int,
+             dataset_dir: Path | None = None) -> RunSpec:
+    """The :class:`~refground.train.RunSpec` of a detector run: the config, the seed and the dataset it reads."""
+    from refground.cache import parent
 
     params = {"config": config.to_dict(), "seed": int(seed), "train_split": "train", "eval_split": "val"}
     ds_dir = dataset_dir if dataset_dir is not None else _dataset_dir_of(ds)
     parents = {"dataset": parent("dataset", ds_dir)} if ds_dir is not None else {}
-    fp = fingerprint(f"{STEP}@{STEP_VERSION}", params, parent_fingerprints(parents))
-    return params, parents, fp
-
-
-def is_run_complete(out_dir: Path, fp: str) -> bool:
-    """Whether ``out_dir`` holds a complete run with fingerprint ``fp`` (checkpoint and metrics present)."""
-    from refground.cache import is_current
-
-    out_dir = Path(out_dir)
-    return (is_current(out_dir, fp) and (out_dir / CHECKPOINT_FILE).is_file()
-            and (out_dir / METRICS_FILE).is_file())
-
-
-def _save_checkpoint(path: Path, model: DetectorModel, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                     seed: int, fp: str) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": int(epoch),
-             "step": int(step), "seed": int(seed), "fingerprint": fp, "config": model.config.to_dict()}
-    with atomic_file(path, "wb") as fh:
-        torch.save(state, fh)
+    return RunSpec(Path(out_dir), f"{STEP}@{STEP_VERSION}", params, parents, "runs/detector")
 
 
 def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | None = None, seed: int = 0,
@@ -422,93 +360,72 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
     """Train the built-in detector on ``ds``'s train split into the run folder ``out_dir`` and evaluate it
     on the val split.
 
-    The folder gets ``config.json``, ``checkpoint.pt`` (model, optimizer, epoch, step; rewritten atomically
-    after every epoch), ``curve.json`` (losses per step and per epoch), ``metrics.json`` (the figures of
-    :func:`evaluate_detector` on val) and ``manifest.json`` (complete flag last). A complete run with the
-    same fingerprint (config, seed, dataset) is a cache hit unless ``force``; an interrupted run with the
-    same fingerprint resumes after its last finished epoch when ``resume``.
+    The run folder is :mod:`refground.train`'s: ``config.json`` (the :class:`DetectorConfig`), ``model.pt``
+    (the weights after the last epoch: what :meth:`BuiltinDetector.load` reads), ``checkpoint.pt`` (model,
+    optimizer, epoch, steps; rewritten atomically after every epoch, for resuming), ``curve.json`` (loss
+    every 20 steps with the learning rate; per epoch the mean of each loss term), ``metrics.json`` (the
+    figures of :func:`evaluate_detector` on val; empty without ``evaluate``) and ``manifest.json`` (complete
+    flag last). A complete run with the same fingerprint (config, seed, dataset) is a cache hit unless
+    ``force``; an interrupted run with the same fingerprint resumes after its last finished epoch when
+    ``resume``.
 
     Returns {"run", "cache_hit", "fingerprint", "epochs", "resumed_from", "train_seconds",
     "train_images_per_s", "load_seconds", "seconds", "metrics"}.
     """
-    from refground.cache import write_manifest
-
     t_start = time.perf_counter()
     config = config or DetectorConfig()
-    out_dir = Path(out_dir)
     if config.epochs < 1 or config.batch_size < 1:
         raise UsageError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
-    params, parents, fp = run_plan(ds, config, seed, dataset_dir)
-    result: dict[str, Any] = {"run": str(out_dir), "fingerprint": fp, "cache_hit": False}
-    if not force and is_run_complete(out_dir, fp):
-        metrics = read_json(out_dir / METRICS_FILE) or {}
-        manifest_extra = (read_json(out_dir / "manifest.json") or {}).get("extra", {})
-        result.update(cache_hit=True, epochs=config.epochs, resumed_from=config.epochs, metrics=metrics,
+    spec = run_spec(ds, out_dir, config, seed, dataset_dir)
+    result: dict[str, Any] = {"run": str(spec.out_dir), "fingerprint": spec.fingerprint, "cache_hit": False}
+    cached = None if force else spec.cached_summary()
+    if cached is not None:
+        result.update(cache_hit=True, epochs=config.epochs, resumed_from=config.epochs, metrics=cached["metrics"],
                       seconds=round(time.perf_counter() - t_start, 3),
-                      **{k: manifest_extra.get(k) for k in ("train_seconds", "train_images_per_s", "load_seconds")})
+                      **{k: cached.get(k) for k in ("train_seconds", "train_images_per_s", "load_seconds")})
         return result
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_FILE
-    state = None
-    if resume and not force and ckpt_path.is_file():
-        try:
-            state = load_checkpoint(ckpt_path)
-        except Exception:  # an unreadable checkpoint is simply not resumable
-            state = None
-        if state is not None and state.get("fingerprint") != fp:
-            state = None
-    write_manifest(out_dir, step=f"{STEP}@{STEP_VERSION}", params=params, parents=parents, fingerprint=fp,
-                   complete=False, kind="runs/detector")
-    save_config(config, out_dir / CONFIG_FILE)
-
+    state = spec.begin(config.to_dict(), None, resume, force)
     torch.manual_seed(seed)
     model = DetectorModel(config)
     optimizer = _make_optimizer(model, config)
-    start_epoch, step = 0, 0
-    curve: list[dict[str, Any]] = []
-    epoch_curve: list[dict[str, Any]] = []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        old = read_json(out_dir / CURVE_FILE) or {}
-        curve = [r for r in old.get("steps", []) if r.get("step", 0) <= step]
-        epoch_curve = [r for r in old.get("epochs", []) if r.get("epoch", 0) <= start_epoch]
-    result["resumed_from"] = start_epoch
+    start_epoch = int(state["epoch"]) if state is not None else 0
 
     t_load = time.perf_counter()
-    train_ids = split_image_ids(ds, "train")
-    steps_per_epoch = max(1, len(train_ids) // config.batch_size)
+    n = len(split_image_ids(ds, "train"))
+    steps_per_epoch = max(1, n // config.batch_size)  # the last partial batch is dropped (BN wants full ones)
     total_steps = steps_per_epoch * config.epochs
     # A run interrupted during its final evaluation has nothing left to train: do not load the images.
     data = load_train_data(ds, "train", config) if start_epoch < config.epochs else None
     load_seconds = time.perf_counter() - t_load
 
-    def on_epoch(epoch: int, step_now: int, means: dict[str, float]) -> None:
-        epoch_curve.append({"epoch": epoch + 1, "step": step_now, **{k: round(v, 5) for k, v in means.items()}})
-        _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, step_now, seed, fp)
-        write_json(out_dir / CURVE_FILE, {"steps": curve, "epochs": epoch_curve})
+    def batches(gen: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(n, generator=gen)
+        return [order[i * config.batch_size:(i + 1) * config.batch_size].tolist() for i in range(steps_per_epoch)]
 
-    t_train = time.perf_counter()
-    if data is not None:
-        step = train_epochs(model, optimizer, data, seed, range(start_epoch, config.epochs), step, total_steps,
-                            on_epoch=on_epoch, curve=curve)
-    train_seconds = time.perf_counter() - t_train
-    trained_images = (config.epochs - start_epoch) * steps_per_epoch * min(config.batch_size, len(train_ids))
-    del data
+    def train_step(idx: list[int], gen: torch.Generator) -> tuple[Tensor, int, dict[str, Tensor]]:
+        flip = torch.rand(len(idx), generator=gen) < 0.5 if config.flip else None
+        losses = training_losses(model, make_batch(data, idx, flip), gen)
+        total = losses.pop("total")
+        return total, len(idx), {k: v.detach() for k, v in losses.items()}
+
+    fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
+             state=state, description="detector", lr_at_step=lambda step: _lr_at(step, total_steps, config),
+             clip_grad_norm=10.0, batch_rng="torch")
+    trained_images = (config.epochs - fr.resumed_from) * steps_per_epoch * min(config.batch_size, n)
+    data = None  # the training images are not needed for the evaluation
 
     metrics: dict[str, Any] = {}
     if evaluate:
-        detector = BuiltinDetector(model.eval(), file_sha256(ckpt_path))
-        metrics = evaluate_detector(ds, detector, "val")
-    write_json(out_dir / METRICS_FILE, metrics)
-    extra = {"train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
-             "train_images_per_s": round(trained_images / max(train_seconds, 1e-9), 2),
-             "epochs_trained_now": config.epochs - start_epoch, "steps": step, "threads": torch.get_num_threads()}
-    write_manifest(out_dir, step=f"{STEP}@{STEP_VERSION}", params=params, parents=parents, fingerprint=fp,
-                   complete=True, kind="runs/detector", extra=extra)
-    result.update(epochs=config.epochs, metrics=metrics, seconds=round(time.perf_counter() - t_start, 3), **extra)
+        metrics = evaluate_detector(ds, BuiltinDetector(model, file_sha256(spec.out_dir / MODEL_FILE)), "val")
+    write_json(spec.out_dir / METRICS_FILE, metrics)
+    extra = {"train_seconds": round(fr.train_seconds, 2), "load_seconds": round(load_seconds, 2),
+             "train_images_per_s": round(trained_images / max(fr.train_seconds, 1e-9), 2),
+             "epochs_trained_now": config.epochs - fr.resumed_from, "steps": fr.steps,
+             "threads": torch.get_num_threads()}
+    spec.mark(complete=True, extra=extra)
+    result.update(epochs=config.epochs, resumed_from=fr.resumed_from, metrics=metrics,
+                  seconds=round(time.perf_counter() - t_start, 3), **extra)
     return result
 
 
@@ -588,5 +505,5 @@ def evaluate_detector(ds: Dataset, detector: BuiltinDetector, split: str = "val"
     }
 
 
-__all__ = ["STEP", "TrainData", "evaluate_detector", "is_run_complete", "load_train_data", "run_plan",
-           "train_detector", "training_losses"]
+__all__ = ["STEP", "TrainData", "evaluate_detector", "load_train_data", "run_spec", "train_detector",
+           "training_losses"]

@@ -3,7 +3,9 @@
 Specs (the ``refground extract`` options):
 
 - ``--detector``: ``builtin`` or ``builtin:NAME`` (the run ``runs/detector/NAME`` of
-  ``refground train detector``; NAME defaults to ``default``) or ``builtin:/path/to/run``;
+  ``refground train detector``; NAME defaults to ``default``) or ``builtin:/path/to/run``: a complete run
+  folder, read as its ``model.pt`` weights and ``config.json`` (:meth:`BuiltinDetector.load`), fingerprinted
+  as a whole (its files' digests), so retraining or editing it makes what was extracted with it stale;
   ``hf:PATH`` (a transformers object detector folder); ``mattnet:FILE`` (precomputed detections in MAttNet's
   JSON format); ``none`` (no proposals: ground-truth object features only).
 - ``--backbone``: the region feature source; ``builtin[:NAME]`` or ``hf:PATH`` (an AutoBackbone folder), or
@@ -24,7 +26,8 @@ from typing import Any
 from refground.cache import Parent, parent, require
 from refground.errors import ArtifactError, UsageError
 
-CHECKPOINT = "checkpoint.pt"
+# refground.train.MODEL_FILE and CONFIG_FILE, spelled here: resolving a spec must not import torch.
+RUN_FILES = ("model.pt", "config.json")
 
 
 @dataclass
@@ -50,11 +53,10 @@ class SourceSpec:
 def _builtin(rest: str, runs_dir: Path) -> tuple[Path, str]:
     name = rest or "default"
     run = Path(name) if ("/" in name or name.startswith(".")) else runs_dir / "detector" / name
-    ckpt = run / CHECKPOINT
-    remedy = "refground train detector" + ("" if name == "default" else f" --name {name}")
-    if not ckpt.is_file():
+    remedy = "refground train detector" + ("" if name == "default" else f" --run {name}")
+    if not all((run / f).is_file() for f in RUN_FILES):
         raise ArtifactError(f"{run}: no trained built-in detector here; run `{remedy}`")
-    # An interrupted training run has a checkpoint of its last finished epoch but no complete manifest.
+    # An interrupted training run has the weights of its last finished epoch but no complete manifest.
     require(run, remedy)
     return run, f"detector-{run.name}"
 
@@ -89,7 +91,7 @@ def resolve(spec: str, role: str, runs_dir: Path, class_names: list[str] | None 
 
             return BuiltinDetector.load(run)
 
-        return SourceSpec(spec, "builtin", run, name, parent("file", run / CHECKPOINT), load_builtin)
+        return SourceSpec(spec, "builtin", run, name, parent("file", run), load_builtin)
     if kind == "hf":
         path = Path(rest).expanduser()
         if not path.is_dir():

@@ -49,7 +49,7 @@ def check_params(name: str, num_images: int, seed: int, image_size: int, workers
     if not name or "/" in name or name.startswith("."):
         raise UsageError(f"bad dataset name {name!r}: expected a plain folder name")
     if int(num_images) < 1:
-        raise UsageError(f"--images must be at least 1, got {num_images}")
+        raise UsageError(f"--num-images must be at least 1, got {num_images}")
     if not MIN_IMAGE_SIZE <= int(image_size) <= MAX_IMAGE_SIZE:
         raise UsageError(f"--image-size must be in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size}")
     if int(seed) < 0:

@@ -1,11 +1,17 @@
-"""Candidate boxes per image and padded query batches for two-stage comprehension models (CMRIN today).
+"""Candidate boxes and padded query batches for any two-stage grounding model (the shared candidates interface).
 
-A :class:`CandidateSet` holds, for every image of a dataset, its candidate boxes with region features,
-5-d spatial features p_i and the spatial relation graph between them, flat in memory with per-image
-offsets. Candidates are either the ground-truth objects (``source="gt"``) or the first ``top_n`` proposals
-of a features artifact by confidence (``source="proposals"``); both are read from the features and graph
-artifacts in one contiguous read per array. A :class:`QueryTable` holds the encoded expressions of a
-split, and :func:`make_batch` pads a batch of queries into the tensors the models take.
+A :class:`CandidateSet` holds, for every group (an image, or a query for query-aware proposals), its
+candidate boxes with region features, 5-d spatial features p_i and the spatial relation graph between
+them, flat in memory with per-group offsets. A :class:`CandidateSpec` names where candidates come from:
+
+* ``gt``: the ground-truth objects of each image (features and graph artifacts);
+* ``proposals``: the first ``top_n`` proposals of each image by confidence (features and graph artifacts);
+* ``vlnms``: the first ``top_n`` query-aware proposals of each query, written by ``refground vlnms`` to
+  :func:`query_proposals_path` (any method that writes that format is a source; a second stage never
+  imports the method that made them).
+
+:func:`candidates_for` loads a spec and points a :class:`~refground.grounding.queries.QueryTable` at its
+groups; :func:`make_batch` pads a batch of queries into the tensors the models take.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from torch import Tensor
 
 from refground.cache import RaggedH5, require
 from refground.data.model import Dataset
-from refground.errors import ArtifactError, DataError, UsageError
+from refground.errors import ArtifactError, UsageError
 from refground.graph_artifact import graph_path
-from refground.text.vocab import Vocabulary
+from refground.grounding.queries import QueryTable, group_queries
 
-SOURCES = ("gt", "proposals")
+SOURCES = ("gt", "proposals", "vlnms")
+QUERY_PROPOSALS = "vlnms"  # the folder of query-aware proposal sets: <cache>/<dataset>/vlnms/<tag>/<split>.h5
 
 # Relation label of a pair after mirroring the image left-right / top-bottom (labels 4-11 are the direction
 # sectors right, top right, top, top left, left, bottom left, bottom, bottom right; 0-3 do not change).
@@ -41,7 +48,7 @@ class CandidateSet:
     """Candidates of every image, flat with offsets (image row r owns rows ``offsets[r]:offsets[r + 1]``).
 
     boxes float32[M, 4] xyxy pixels; features float32[M, D]; spatial float32[M, 5] (= [x, y, w, h, wh],
-    :func:`refground.models.cmrin.spatial_feature`); object_ids int64[M] (ground-truth object id, or -1
+    :func:`refground.methods.cmrin.model.spatial_feature`); object_ids int64[M] (ground-truth object id, or -1
     for proposals); relations: uint8 flat per image (K_r x K_r, entry [a, b] the label of a to b) with
     ``rel_offsets`` int64[I + 1]; image_sizes int64[I, 2] (height, width).
     """
@@ -71,7 +78,7 @@ class CandidateSet:
 
 
 def _spatial(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    from refground.models.cmrin import spatial_feature
+    from refground.boxes import spatial_feature
 
     return spatial_feature(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(sizes)).numpy()
 
@@ -106,8 +113,8 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
     ``source="proposals"``: the first ``top_n`` proposals of each image (best first). ``graph_file``
     defaults to the graph artifact made for ``features_file`` (``graph/<features name>.h5``).
     """
-    if source not in SOURCES:
-        raise UsageError(f"unknown candidate source {source!r}; expected one of: {', '.join(SOURCES)}")
+    if source not in SOURCES[:2]:
+        raise UsageError(f"unknown candidate source {source!r}; expected gt or proposals")
     if source == "proposals" and top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
     if graph_file is None:
@@ -164,7 +171,7 @@ def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) ->
 
     if top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
-    require(proposals_file, "refground vlnms", check_parents=True)
+    require(proposals_file, f"refground vlnms --split {Path(proposals_file).stem}", check_parents=True)
     with RaggedH5(proposals_file) as f:
         qids = f.table("queries", "ids").astype(np.int64)
         rows, offsets = _top_rows(f.offsets["proposals"], top_n)
@@ -181,85 +188,62 @@ def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) ->
     return cands, qids
 
 
-def group_queries(queries: "QueryTable", group_query_ids: np.ndarray) -> "QueryTable":
-    """``queries`` with ``image_rows`` pointing at the per-query candidate groups of
-    :func:`load_query_candidates` (a query missing from the proposal set is a one-line ArtifactError)."""
-    pos = {int(q): g for g, q in enumerate(group_query_ids.tolist())}
-    missing = [int(q) for q in queries.query_ids.tolist() if int(q) not in pos]
-    if missing:
-        raise ArtifactError(f"the query-aware proposals lack query {missing[0]} (and {len(missing) - 1} more); "
-                            "run `refground vlnms` for this split")
-    rows = np.array([pos[int(q)] for q in queries.query_ids.tolist()], dtype=np.int64)
-    return QueryTable(queries.query_ids, rows, queries.words, queries.targets, queries.kinds)
+def query_proposals_path(dataset: str, cache: Any, tag: str, split: str) -> Path:
+    """``<cache>/<dataset>/vlnms/<tag>/<split>.h5``: a query-aware proposal set (``<split>.jsonl`` beside it holds
+    the ranked boxes for ``refground eval``)."""
+    from refground.data.store import dataset_dir
+    from refground.train import check_run_name
+
+    return dataset_dir(dataset, cache).parent / QUERY_PROPOSALS / check_run_name(tag) / f"{split}.h5"
 
 
-@dataclass
-class QueryTable:
-    """Encoded expression queries of one split.
+@dataclass(frozen=True)
+class CandidateSpec:
+    """Where a second stage's candidates come from: ``source`` (one of :data:`SOURCES`), ``top_n`` (per image
+    or per query; unused for ``gt``) and ``run`` (the query-aware proposal set's tag for ``vlnms``)."""
 
-    query_ids int64[Q]; image_rows int64[Q] (row of the query's image in the dataset); words int64[Q, T]
-    (0-padded vocabulary ids); targets int64[Q] (index of the referent among its image's ground-truth
-    objects, -1 where the referent is not a single object of the image); kinds list[str].
-    """
+    source: str = "gt"
+    top_n: int = 10
+    run: str = ""
 
-    query_ids: np.ndarray
-    image_rows: np.ndarray
-    words: np.ndarray
-    targets: np.ndarray
-    kinds: list[str]
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise UsageError(f"--candidates {self.source!r}: expected one of: {', '.join(SOURCES)}")
+        if self.top_n < 1:
+            raise UsageError(f"--top-n {self.top_n}: must be at least 1")
+        if self.source == "vlnms" and not self.run:
+            raise UsageError("--candidates vlnms needs the proposal set's run (--vlnms-run NAME)")
 
-    def __len__(self) -> int:
-        return len(self.query_ids)
+    @property
+    def tag(self) -> str:
+        """``gt``, ``proposals<N>`` or ``vlnms-<run><N>``: the candidates part of a predictions file name."""
+        if self.source == "gt":
+            return "gt"
+        if self.source == "vlnms":
+            return f"vlnms-{self.run}{self.top_n}"
+        return f"proposals{self.top_n}"
 
+    @property
+    def key(self) -> str:
+        """The source as recorded in a predictions manifest: ``gt``, ``proposals`` or ``vlnms:<run>``."""
+        return f"vlnms:{self.run}" if self.source == "vlnms" else self.source
 
-def encode_queries(ds: Dataset, split: str, vocab: Vocabulary, max_words: int = 40) -> QueryTable:
-    """The expression queries of ``split`` (refer semantics) encoded with ``vocab``; an empty split or an
-    empty expression is a :class:`DataError`. Longer expressions are cut to ``max_words`` words."""
-    rows = ds.query_rows(split, "expression")
-    if len(rows) == 0:
-        raise DataError(f"dataset {ds.name} has no expression queries in split {split!r}")
-    return encode_query_rows(ds, rows, vocab, max_words)
-
-
-def encode_query_rows(ds: Dataset, rows: np.ndarray, vocab: Vocabulary, max_words: int = 40) -> QueryTable:
-    """The queries at storage rows ``rows`` (see :func:`encode_queries`)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    image_pos = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
-    words = np.zeros((len(rows), max_words), dtype=np.int64)
-    targets = np.full(len(rows), -1, dtype=np.int64)
-    image_rows = np.zeros(len(rows), dtype=np.int64)
-    longest = 1
-    for n, k in enumerate(rows.tolist()):
-        q = ds._query_at(k)
-        tokens = [t for t in q.tokens if t]
-        if not tokens:
-            raise DataError(f"dataset {ds.name}: query {q.id} is empty")
-        ids = vocab.encode(tokens[:max_words])
-        words[n, :len(ids)] = ids
-        longest = max(longest, len(ids))
-        r = image_pos[q.image_id]
-        image_rows[n] = r
-        ref = [m.object_ids for m in q.mentions if m.role == "referent"]
-        if ref and len(ref[0]) == 1:
-            targets[n] = ds.object_row(ref[0][0]) - int(ds.image_object_offsets[r])
-    return QueryTable(ds.query_ids[rows].astype(np.int64), image_rows, words[:, :longest], targets,
-                      [ds.query_kinds[k] for k in rows.tolist()])
+    def proposals_file(self, dataset: str, cache: Any, split: str) -> Path | None:
+        """The query-aware proposal set this spec reads on ``split`` (None for per-image sources)."""
+        return query_proposals_path(dataset, cache, self.run, split) if self.source == "vlnms" else None
 
 
-def flip_word_map(vocab: Vocabulary, pairs: tuple[tuple[str, str], ...]) -> np.ndarray:
-    """int64[V]: the id each word id becomes in the mirrored image (pairs swap both ways; a word already
-    mapped by an earlier pair keeps that mapping)."""
-    table = np.arange(len(vocab), dtype=np.int64)
-    done: set[int] = set()
-    for a, b in pairs:
-        ia, ib = vocab.index.get(a), vocab.index.get(b)
-        if ia is None or ib is None:
-            continue
-        for x, y in ((ia, ib), (ib, ia)):
-            if x not in done:
-                table[x] = y
-                done.add(x)
-    return table
+def candidates_for(ds: Dataset, spec: CandidateSpec, queries: QueryTable, features_file: Path,
+                   graph_file: Path | None = None, proposals_file: Path | None = None
+                   ) -> tuple[CandidateSet, QueryTable]:
+    """The candidate set of ``spec`` and ``queries`` pointed at its groups: per image for ``gt`` and
+    ``proposals`` (``queries`` unchanged), per query for ``vlnms`` (read from ``proposals_file``)."""
+    if spec.source == "vlnms":
+        if proposals_file is None:
+            raise UsageError("query-aware candidates need their proposal set's file")
+        cands, qids = load_query_candidates(ds, proposals_file, spec.top_n)
+        return cands, group_queries(queries, qids)
+    return load_candidates(ds, features_file, spec.source, spec.top_n, graph_file=graph_file), queries
 
 
 @dataclass
@@ -338,6 +322,6 @@ def feature_stats(cands: Any, image_rows: np.ndarray, limit: int | None = None) 
     return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
 
 
-__all__ = ["Batch", "CandidateSet", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "QueryTable", "SOURCES",
-           "encode_queries", "encode_query_rows", "feature_stats", "flip_word_map", "group_queries",
-           "load_candidates", "load_query_candidates", "make_batch"]
+__all__ = ["Batch", "CandidateSet", "CandidateSpec", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "SOURCES",
+           "candidates_for", "feature_stats", "load_candidates", "load_query_candidates", "make_batch",
+           "query_proposals_path"]

@@ -18,19 +18,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from refground.cache import is_current, parent, require, write_manifest
+from refground.cache import parent, require, write_manifest
 from refground.cache import fingerprint as make_fingerprint
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import DataError, UsageError
 from refground.features.pipeline import features_path
 from refground.graph_artifact import graph_path
-from refground.models.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, Flips, QueryTable, encode_queries,
-                                         encode_query_rows, feature_stats, flip_word_map, load_candidates, make_batch)
-from refground.models.cmrin import CMRIN, CMRINConfig, triplet_loss
+from refground.grounding.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, CandidateSpec, Flips,
+                                            candidates_for, feature_stats, load_candidates, make_batch)
+from refground.grounding.queries import QueryTable, encode_queries, encode_query_rows, flip_word_map
+from refground.methods.cmrin.model import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
-                             fit, load_run_folder, step_decay)
+                             config_params, fit, load_run_folder, step_decay)
 
 STEP = "train.cmrin@1"
 PREDICT_STEP = "predict.cmrin@1"
@@ -114,14 +115,13 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     config = config or CMRINConfig()
     ds_dir, f_path, g_path = _inputs(dataset, cache, features)
     out = run_dir(dataset, cache, name)
-    params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("vocab_size", "visual_dim")},
+    params = {"config": config_params(config.to_dict()),
               "seed": int(seed), "features": features, "train_split": "train", "select_split": "val"}
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        "graph": parent("artifact", g_path)}, kind="runs/cmrin")
-    result: dict[str, Any] = {"run": str(out), "name": name, "fingerprint": spec.fingerprint, "cache_hit": False}
-    cached = None if force else spec.cached_summary()
-    if cached is not None:
-        result.update(cached, seconds=round(time.perf_counter() - t_start, 3))
+    result = spec.start(name, force)
+    if result["cache_hit"]:
+        result["seconds"] = round(time.perf_counter() - t_start, 3)
         return result
     ds = load_dataset(ds_dir)
     cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
@@ -166,47 +166,26 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     return result
 
 
-VLNMS_PREFIX = "vlnms:"
+def predictions_path(run: Path, split: str, spec: CandidateSpec) -> Path:
+    """``<run>/predictions/<split>.<candidates tag>.jsonl``."""
+    return Path(run) / "predictions" / f"{split}.{spec.tag}.jsonl"
 
 
-def candidates_tag(source: str, top_n: int) -> str:
-    """``gt``, ``proposals<N>`` or ``vlnms-<tag><N>`` (query-aware proposals of ``refground vlnms``)."""
-    if source == "gt":
-        return "gt"
-    if source.startswith(VLNMS_PREFIX):
-        return f"vlnms-{source[len(VLNMS_PREFIX):]}{top_n}"
-    return f"proposals{top_n}"
-
-
-def predictions_path(run: Path, split: str, source: str, top_n: int) -> Path:
-    return Path(run) / "predictions" / f"{split}.{candidates_tag(source, top_n)}.jsonl"
-
-
-def _candidates_for(ds: Any, dataset: str, cache: Any, f_path: Path, g_path: Path, split: str, source: str,
-                    top_n: int, queries: QueryTable) -> tuple[CandidateSet, QueryTable]:
-    """The candidate set of ``source`` and the queries pointed at it (per-query groups for VL-NMS)."""
-    if source.startswith(VLNMS_PREFIX):
-        from refground.models.candidates import group_queries, load_query_candidates
-        from refground.models.vlnms_run import proposals_path
-
-        cands, qids = load_query_candidates(ds, proposals_path(dataset, cache, source[len(VLNMS_PREFIX):], split),
-                                            top_n)
-        return cands, group_queries(queries, qids)
-    return load_candidates(ds, f_path, source, top_n, graph_file=g_path), queries
-
-
-def predict_cmrin(dataset: str, cache: Any, name: str, split: str, source: str = "gt", top_n: int = 10,
+def predict_cmrin(dataset: str, cache: Any, name: str, split: str, spec: CandidateSpec = CandidateSpec(),
                   force: bool = False) -> dict[str, Any]:
     """Write (or find current) the predictions of run ``name`` on ``split``: for every expression query its
     ranked candidates (``boxes``, ``scores``; ``box`` the top one). Returns ``{"path", "status", ...}``."""
-    return predict_cmrin_many(dataset, cache, name, [(split, source, top_n)], force)[0]
+    return predict_cmrin_many(dataset, cache, name, [(split, spec)], force)[0]
 
 
-def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str, str, int]], force: bool = False
-                       ) -> list[dict[str, Any]]:
-    """:func:`predict_cmrin` for several ``(split, source, top_n)`` at once: the run, the dataset and each
-    candidate set are loaded once, and only when some predictions file is missing or stale."""
-    from refground.cache.manifest import parent_fingerprints, read_manifest_of
+def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str, CandidateSpec]],
+                       force: bool = False) -> list[dict[str, Any]]:
+    """:func:`predict_cmrin` for several ``(split, candidates)`` at once: the run, the dataset and each
+    per-image candidate set are loaded once, and only when some predictions file is missing or stale.
+    Candidates come through the shared interface (:func:`refground.grounding.candidates.candidates_for`):
+    ground-truth objects, the detector's proposals, or any query-aware proposal set."""
+    from refground.cache import current_extra, current_fingerprint
+    from refground.cache.manifest import parent_fingerprints
     from refground.eval.predictions import write_predictions
 
     out = run_dir(dataset, cache, name)
@@ -217,42 +196,35 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     parent_fps = parent_fingerprints(parents)
     results: list[dict[str, Any]] = []
     todo = []
-    for split, source, top_n in jobs:
-        path = predictions_path(out, split, source, top_n)
-        params = {"split": split, "source": source, "top_n": int(top_n) if source != "gt" else 0}
-        if source.startswith(VLNMS_PREFIX):
-            from refground.cache import current_fingerprint
-            from refground.models.vlnms_run import proposals_path
-
-            p_path = proposals_path(dataset, cache, source[len(VLNMS_PREFIX):], split)
-            require(p_path, f"refground vlnms --split {split}", check_parents=True)
+    for split, spec in jobs:
+        path = predictions_path(out, split, spec)
+        params = {"split": split, "source": spec.key, "top_n": int(spec.top_n) if spec.source != "gt" else 0}
+        p_path = spec.proposals_file(dataset, cache, split)
+        if p_path is not None:
+            require(p_path, f"refground vlnms --run {spec.run} --split {split}", check_parents=True)
             params["proposals"] = current_fingerprint("artifact", p_path)
         fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
-        results.append({"path": str(path), "split": split, "candidates": candidates_tag(source, top_n),
-                        "status": "hit"})
-        if force or not is_current(path, fp):
-            todo.append((results[-1], path, params, fp))
+        results.append({"path": str(path), "split": split, "candidates": spec.tag, "status": "hit"})
+        hit = current_extra(path, fp, force)
+        if hit is None:
+            todo.append((results[-1], path, split, spec, p_path, params, fp))
         else:
-            m = read_manifest_of(path)
-            results[-1].update(m.extra if m else {})
+            results[-1].update(hit)
     if not todo:
         return results
     run = load_run(out)
     ds = load_dataset(ds_dir)
-    cand_sets: dict[tuple[str, int], CandidateSet] = {}
-    for result, path, params, fp in todo:
-        key = (params["source"], params["top_n"])
-        queries = encode_queries(ds, params["split"], run.vocab)
-        if key[0].startswith(VLNMS_PREFIX):  # per split: the proposals are the split's queries'
-            cands, queries = _candidates_for(ds, dataset, cache, f_path, g_path, params["split"], key[0], key[1],
-                                             queries)
+    cand_sets: dict[CandidateSpec, CandidateSet] = {}
+    for result, path, split, spec, p_path, params, fp in todo:
+        queries = encode_queries(ds, split, run.vocab)
+        if p_path is not None:  # per split: the proposals are the split's queries'
+            cands, queries = candidates_for(ds, spec, queries, f_path, g_path, p_path)
         else:
-            if key not in cand_sets:
-                cand_sets[key] = load_candidates(ds, f_path, key[0], key[1], graph_file=g_path)
-            cands = cand_sets[key]
+            if spec not in cand_sets:
+                cand_sets[spec] = candidates_for(ds, spec, queries, f_path, g_path)[0]
+            cands = cand_sets[spec]
         t0 = time.perf_counter()
-        scored = score_queries(run.model, queries, cands,
-                               description=f"cmrin {params['split']} ({result['candidates']})")
+        scored = score_queries(run.model, queries, cands, description=f"cmrin {split} ({spec.tag})")
         seconds = time.perf_counter() - t0
         lines = []
         for n, sc in enumerate(scored):
@@ -271,7 +243,7 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     return results
 
 
-def explain_query(dataset: str, cache: Any, name: str, query_id: int, source: str = "gt", top_n: int = 10
+def explain_query(dataset: str, cache: Any, name: str, query_id: int, spec: CandidateSpec = CandidateSpec()
                   ) -> dict[str, Any]:
     """Everything Figure 4 draws for one query: ``query`` (record), ``boxes`` float32[K, 4], ``scores``
     float32[K] (eq. 8), ``vertex_gates`` float32[K] (eq. 4; absent for the global-language variants),
@@ -283,10 +255,10 @@ def explain_query(dataset: str, cache: Any, name: str, query_id: int, source: st
     out = run_dir(dataset, cache, name)
     run = load_run(out)
     _, f_path, g_path = _inputs(dataset, cache, run.params.get("features", "detector-default"))
-    cands = load_candidates(ds, f_path, source, top_n, graph_file=g_path)
     table = encode_query_rows(ds, np.array([ds.query_row(q.id)]), run.vocab)
+    cands, table = candidates_for(ds, spec, table, f_path, g_path, spec.proposals_file(dataset, cache, q.split))
     item = score_queries(run.model, table, cands, extras=True)[0]
     r = int(table.image_rows[0])
     return {"query": q, "tokens": q.tokens, "boxes": cands.boxes[cands.offsets[r]:cands.offsets[r + 1]],
-            "candidates": source if source == "gt" else f"proposals{top_n}", **item}
+            "candidates": spec.tag, **item}
 

@@ -50,7 +50,7 @@ Choices where the paper is silent (each one a config field):
   86.2% val Precision@1 with train accuracy 6-7 points higher; mirroring and dropout 0.2 narrow that gap.
 * ``flip_augment`` (on by default) mirrors each training query left-right and/or top-bottom with
   probability 1/2 each: the candidates' centres, the relation labels and the direction words ("left" <->
-  "right", "above" <-> "below", ...) are mirrored, the region features kept (:class:`refground.models.candidates.Flips`). The paper
+  "right", "above" <-> "below", ...) are mirrored, the region features kept (:class:`refground.grounding.candidates.Flips`). The paper
   trains without it; it is a data augmentation for relational reasoning on a small training set.
 * ``word_type_bias`` (None: PyTorch's default initialisation) sets the initial bias of eq. 1's last layer
   (entity, relation, location, unnecessary).
@@ -76,6 +76,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from refground.errors import UsageError, check_choice, check_known_fields
+from refground.grounding.rnn import run_packed
 
 NUM_EDGE_TYPES = 11  # relation labels 1..11 (0 = no relationship / self / padding)
 WORD_TYPES = ("entity", "relation", "location", "unnecessary")
@@ -166,21 +167,6 @@ def variant_config(name: str, **overrides: Any) -> CMRINConfig:
     return CMRINConfig(**{**VARIANTS[name][1], **overrides})
 
 
-def spatial_feature(boxes: Tensor, image_size: Tensor) -> Tensor:
-    """p_i = [x, y, w, h, wh]: centre, width, height normalised by the image, and the normalised area.
-
-    boxes: Tensor[..., 4] xyxy pixels; image_size: Tensor[..., 2] (height, width) broadcastable to boxes'
-    leading shape. Returns Tensor[..., 5] (the design's 5-d spatial feature).
-    """
-    h = image_size[..., 0:1].to(boxes.dtype)
-    w = image_size[..., 1:2].to(boxes.dtype)
-    bw = (boxes[..., 2:3] - boxes[..., 0:1]) / w
-    bh = (boxes[..., 3:4] - boxes[..., 1:2]) / h
-    cx = (boxes[..., 0:1] + boxes[..., 2:3]) / (2 * w)
-    cy = (boxes[..., 1:2] + boxes[..., 3:4]) / (2 * h)
-    return torch.cat([cx, cy, bw, bh, bw * bh], dim=-1)
-
-
 class LanguageEncoder(nn.Module):
     """Word embeddings and a bidirectional LSTM: h_t = [forward_t, backward_t] in R^{D_h} (Sec. 3.1.2).
 
@@ -195,11 +181,7 @@ class LanguageEncoder(nn.Module):
         self.lstm = nn.LSTM(embed_dim, hidden_dim // 2, batch_first=True, bidirectional=True)
 
     def forward(self, words: Tensor) -> tuple[Tensor, Tensor]:
-        lengths = (words != 0).sum(1).clamp(min=1)
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(words), lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        out, (h_n, _) = self.lstm(packed)
-        h, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=words.shape[1])
+        h, (h_n, _) = run_packed(self.lstm, self.embed(words), words)
         last = torch.cat([h_n[0], h_n[1]], dim=1)
         return h, last
 
@@ -366,4 +348,4 @@ def triplet_loss(scores: Tensor, target: Tensor, margin: float = 0.1, generator:
 
 
 __all__ = ["CMRIN", "CMRINConfig", "CrossModalRelationshipExtractor", "GatedGraphConv", "LanguageEncoder",
-           "NUM_EDGE_TYPES", "VARIANTS", "WORD_TYPES", "spatial_feature", "triplet_loss", "variant_config"]
+           "NUM_EDGE_TYPES", "VARIANTS", "WORD_TYPES", "triplet_loss", "variant_config"]

@@ -23,9 +23,10 @@ import numpy as np
 
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError
+from refground.eval.metrics import RECALL_NS
+from refground.tables import EVAL_SPLITS, pct
+from refground.train import MODEL_FILE
 
-SPLITS = ("val", "testA", "testB")
-NS = (1, 3, 5, 10, 20, 100)
 RUNS = ("fc-bce", "fc-rank", "trans-bce")
 LABELS = {"detector": "detector NMS (class-agnostic, by confidence)",
           "confidence": "confidence-only NMS (per class, pre-NMS detections)",
@@ -39,10 +40,10 @@ def _label(tag: str) -> str:
     return LABELS.get(tag, tag)
 
 
-def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...] = NS) -> dict[str, float]:
+def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...] = RECALL_NS) -> dict[str, float]:
     """Recall@N of the features artifact's own proposals (the same ranked list for every query of an image)."""
     from refground.cache import RaggedH5
-    from refground.models.vlnms_run import ranked_recall
+    from refground.methods.vlnms.run import ranked_recall
 
     with RaggedH5(features_file) as f:
         boxes = f.table("proposals", "boxes")
@@ -54,8 +55,8 @@ def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...
 
 
 def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...] | None = None,
-                 cmrin_run: str = "cmrin", features: str = "detector-default", top_n: int = 10,
-                 splits: tuple[str, ...] = SPLITS, timing_images: int = 64, min_confidence: float = 0.0
+                 cmrin_run: str = "cmrin", features: str = "detector-default", top_n: int = 10, matcher: str = "cmrin",
+                 splits: tuple[str, ...] = EVAL_SPLITS, timing_images: int = 64, min_confidence: float = 0.0
                  ) -> dict[str, Any]:
     """All four tables as dicts of rows, plus ``markdown``. A VL-NMS run without proposals for a split gets
     them written (``refground vlnms`` defaults, with ``min_confidence`` as its detection floor for the
@@ -63,12 +64,12 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
     ArtifactError naming `refground train vlnms`."""
     from refground.eval.evaluate import comprehension_of
     from refground.features.pipeline import features_path
-    from refground.models.cmrin_run import VLNMS_PREFIX, predict_cmrin_many
-    from refground.models.vlnms_run import CONFIDENCE, run_dir, run_vlnms
+    from refground.methods import get_method
+    from refground.methods.vlnms.run import CONFIDENCE, run_dir, run_vlnms
 
     ds = load_dataset(dataset_dir(dataset, cache))
     candidates = list(runs) if runs is not None else [
-        r for r in (*RUNS, *(f"{x}-nopseudo" for x in RUNS)) if (run_dir(dataset, cache, r) / "model.pt").is_file()]
+        r for r in (*RUNS, *(f"{x}-nopseudo" for x in RUNS)) if (run_dir(dataset, cache, r) / MODEL_FILE).is_file()]
     if not candidates:
         raise ArtifactError("no VL-NMS runs to compare; train them with `refground train vlnms --variant fc|trans "
                             "--loss bce|rank`")
@@ -83,15 +84,17 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
                         min_confidence=min_confidence)
         recall[tag] = {r["split"]: {k: v for k, v in r.items() if "recall@" in k} for r in res}
         seconds[tag] = float(np.mean([r.get("ms_per_image", np.nan) for r in res]))
-    # Table 2: CMRIN on each candidate set.
-    jobs = [(s, "gt", 0) for s in splits] + [(s, "proposals", top_n) for s in splits]
-    jobs += [(s, VLNMS_PREFIX + tag, top_n) for tag in (CONFIDENCE, *candidates) for s in splits]
+    # Table 2: the second stage on each candidate set, through the registry and the shared candidates interface.
+    jobs: list[tuple[str, dict[str, Any]]] = [(s, {"candidates": "gt"}) for s in splits]
+    jobs += [(s, {"candidates": "proposals", "top_n": top_n}) for s in splits]
+    jobs += [(s, {"candidates": "vlnms", "top_n": top_n, "vlnms_run": tag}) for tag in (CONFIDENCE, *candidates)
+             for s in splits]
     precision: dict[str, dict[str, float]] = {}
     cmrin_ms: list[float] = []
-    for (split, source, _), res in zip(jobs, predict_cmrin_many(dataset, cache, cmrin_run, jobs)):
-        key = {"gt": "ground truth", "proposals": "detector"}.get(source, source[len(VLNMS_PREFIX):])
+    for (split, opts), res in zip(jobs, get_method(matcher, "predict").predict(dataset, cache, cmrin_run, jobs)):
+        key = {"gt": "ground truth", "proposals": "detector"}.get(opts["candidates"], opts.get("vlnms_run"))
         precision.setdefault(key, {})[split] = comprehension_of(ds, res["path"], split)["all"]["precision@1"]
-        if source.startswith(VLNMS_PREFIX):  # Table 6 times CMRIN on query-aware proposals
+        if opts["candidates"] == "vlnms":  # Table 6 times the second stage on query-aware proposals
             cmrin_ms.append(float(res.get("ms_per_query", np.nan)))
     timing = measure_times(ds, dataset, cache, _run_features(dataset, cache, candidates[0]), seconds, cmrin_ms,
                            timing_images)
@@ -104,7 +107,7 @@ def vlnms_tables(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...
 
 def _run_features(dataset: str, cache: Any, run: str) -> str:
     from refground.cache.manifest import read_manifest_of
-    from refground.models.vlnms_run import run_dir
+    from refground.methods.vlnms.run import run_dir
 
     m = read_manifest_of(run_dir(dataset, cache, run))
     return (m.params if m else {}).get("features", "detector-default")
@@ -154,28 +157,24 @@ def measure_times(ds: Any, dataset: str, cache: Any, features: str, vlnms_ms: di
             "overhead": {k: round((both - plain + v) / plain, 4) for k, v in vlnms_ms.items()}}
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}"
-
-
-def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
+def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = EVAL_SPLITS) -> str:
     lines = []
     if t.get("min_confidence"):
         lines += [f"Confidence-only NMS and VL-NMS drop detections with confidence below {t['min_confidence']:g} "
                   "(`--min-confidence`); the detector's own proposals are unfiltered.", ""]
     lines += ["### Table 1: recall of the referent and of context objects (%)", ""]
     for split in splits:
-        lines += [f"**{split}**", "", "| proposals | " + " | ".join(f"R@{n}" for n in NS) + " | "
-                  + " | ".join(f"ctx R@{n}" for n in NS) + " |", "|---" * (2 * len(NS) + 1) + "|"]
+        lines += [f"**{split}**", "", "| proposals | " + " | ".join(f"R@{n}" for n in RECALL_NS) + " | "
+                  + " | ".join(f"ctx R@{n}" for n in RECALL_NS) + " |", "|---" * (2 * len(RECALL_NS) + 1) + "|"]
         for tag, per in t["recall"].items():
             r = per.get(split, {})
-            lines.append(f"| {t['labels'][tag]} | " + " | ".join(_pct(r.get(f"recall@{n}")) for n in NS) + " | "
-                         + " | ".join(_pct(r.get(f"context_recall@{n}")) for n in NS) + " |")
+            lines.append(f"| {t['labels'][tag]} | " + " | ".join(pct(r.get(f"recall@{n}")) for n in RECALL_NS) + " | "
+                         + " | ".join(pct(r.get(f"context_recall@{n}")) for n in RECALL_NS) + " |")
         lines.append("")
     lines += ["### Table 2: CMRIN Precision@1 (%) with each candidate set (top 10)", "",
               "| candidates | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for key, per in t["precision"].items():
-        lines.append(f"| {t['labels'].get(key, key)} | " + " | ".join(_pct(per.get(s)) for s in splits) + " |")
+        lines.append(f"| {t['labels'].get(key, key)} | " + " | ".join(pct(per.get(s)) for s in splits) + " |")
     base = [r for r in t["runs"] if f"{r}-nopseudo" in t["runs"]]
     if base:
         lines += ["", "### Table 4: with and without pseudo ground truth", "",
@@ -184,9 +183,9 @@ def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = SPLITS) -> str:
         for r in base:
             for tag in (r, f"{r}-nopseudo"):
                 rec = t["recall"][tag]
-                lines.append(f"| {t['labels'][tag]} | " + " | ".join(_pct(rec[s].get("recall@10")) for s in splits)
-                             + " | " + " | ".join(_pct(rec[s].get("context_recall@10")) for s in splits) + " | "
-                             + " | ".join(_pct(t["precision"].get(tag, {}).get(s)) for s in splits) + " |")
+                lines.append(f"| {t['labels'][tag]} | " + " | ".join(pct(rec[s].get("recall@10")) for s in splits)
+                             + " | " + " | ".join(pct(rec[s].get("context_recall@10")) for s in splits) + " | "
+                             + " | ".join(pct(t["precision"].get(tag, {}).get(s)) for s in splits) + " |")
     tm = t["timing"]
     lines += ["", f"### Table 6: milliseconds per image ({tm['images']} images, {tm['threads']} threads, "
               f"{tm['queries_per_image']} queries per image)", "",
@@ -207,8 +206,8 @@ def recall_plot(t: dict[str, Any], split: str, path: Path) -> Path:
     from refground.atomic import atomic_file
     from refground.plots import line_chart
 
-    xs = [float(np.log10(n)) for n in NS]  # N spans 1..100: a log axis keeps the small N readable
-    series = {t["labels"][tag]: (xs, [100 * per[split][f"recall@{n}"] for n in NS])
+    xs = [float(np.log10(n)) for n in RECALL_NS]  # N spans 1..100: a log axis keeps the small N readable
+    series = {t["labels"][tag]: (xs, [100 * per[split][f"recall@{n}"] for n in RECALL_NS])
               for tag, per in t["recall"].items() if split in per}
     img = line_chart(series, f"referent recall@N, {split} (N = 1, 3, 5, 10, 20, 100)", "log10 N", "recall (%)",
                      size=(720, 480), y_range=(0.0, 100.0))

@@ -10,7 +10,7 @@ that IoU (eq. 6).
 
 ``apply_vlnms`` scores every detection of the query's image with the relatedness module, fuses
 s = r x c with the detector confidence and runs per-class NMS on s
-(:func:`refground.models.vlnms.fused_nms`); the first ``top_n`` survivors are the query's proposals.
+(:func:`refground.methods.vlnms.model.fused_nms`); the first ``top_n`` survivors are the query's proposals.
 With ``model=None`` it is the confidence-only NMS on the same detection set (r = 1), the baseline of
 Table 1. Proposal sets are written as ``<cache>/<dataset>/vlnms/<tag>/<split>.h5``
 (:data:`PROPOSALS_FORMAT`; tag = the run name, or ``confidence``) plus ``<split>.jsonl`` ranked boxes that
@@ -27,22 +27,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from refground.boxes import elementwise_box_iou
-from refground.cache import RaggedH5, is_current, parent, require, write_h5, write_manifest
+from refground.boxes import elementwise_box_iou, fused_nms
+from refground.cache import RaggedH5, current_extra, parent, require, write_h5, write_manifest
 from refground.cache import fingerprint as make_fingerprint
-from refground.cache.manifest import parent_fingerprints, read_manifest_of
+from refground.cache.manifest import parent_fingerprints
 from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, DataError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
 from refground.features.pipeline import features_path
-from refground.models.candidates import QueryTable, encode_queries, feature_stats
-from refground.models.vlnms import (VLNMSConfig, build_relatedness, decode_deltas, fused_nms, regression_targets,
+from refground.grounding.candidates import feature_stats, query_proposals_path
+from refground.grounding.queries import QueryTable, encode_queries
+from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
-                             fit, load_run_folder, step_decay)
+                             config_params, fit, load_run_folder, step_decay)
 
 STEP = "train.vlnms@1"
 APPLY_STEP = "vlnms@1"
@@ -64,8 +65,9 @@ def run_dir(dataset: str, cache: Any, name: str) -> Path:
 
 
 def proposals_path(dataset: str, cache: Any, tag: str, split: str) -> Path:
-    """``<cache>/<dataset>/vlnms/<tag>/<split>.h5`` (the ranked boxes for ``refground eval``: ``.jsonl``)."""
-    return dataset_dir(dataset, cache).parent / "vlnms" / check_run_name(tag) / f"{split}.h5"
+    """``<cache>/<dataset>/vlnms/<tag>/<split>.h5`` (the ranked boxes for ``refground eval``: ``.jsonl``): the
+    shared query-aware proposal set of :func:`refground.grounding.candidates.query_proposals_path`."""
+    return query_proposals_path(dataset, cache, tag, split)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -199,7 +201,7 @@ def _gather(a: np.ndarray, idx: np.ndarray) -> np.ndarray:
 def image_tensors(dets: DetectionSet, image_rows: np.ndarray
                   ) -> tuple[torch.Tensor, np.ndarray, torch.Tensor, np.ndarray, np.ndarray]:
     """The detections of ``image_rows`` padded to the largest set: features Tensor[N, K, D], boxes
-    float32[N, K, 4], spatial Tensor[N, K, 5] (:func:`refground.models.vlnms.spatial_vector`), valid bool[N, K]
+    float32[N, K, 4], spatial Tensor[N, K, 5] (:func:`refground.methods.vlnms.model.spatial_vector`), valid bool[N, K]
     and rows int64[N, K] of the detection set (0 at padding)."""
     counts = dets.offsets[image_rows + 1] - dets.offsets[image_rows]
     k = max(1, int(counts.max()) if len(counts) else 1)
@@ -439,7 +441,7 @@ def load_vlnms_run(path: Path) -> LoadedRun:
 def _pseudo(dataset: str, cache: Any, use: bool) -> tuple[dict[int, np.ndarray] | None, dict[str, Any]]:
     if not use:
         return None, {}
-    from refground.pseudo.vlnms import load_pseudo_vlnms, pseudo_path
+    from refground.methods.vlnms.pseudo import load_pseudo_vlnms, pseudo_path
 
     path = pseudo_path(dataset, cache)
     require(path, "refground pseudo vlnms", check_parents=True)
@@ -463,15 +465,14 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
     pseudo_map, pseudo_parent = _pseudo(dataset, cache, pseudo)
     require(f_path, "refground extract --detections", check_parents=True)
     out = run_dir(dataset, cache, name)
-    params = {"config": {k: v for k, v in config.to_dict().items() if k not in ("vocab_size", "visual_dim")},
+    params = {"config": config_params(config.to_dict()),
               "seed": int(seed), "features": features, "pseudo": bool(pseudo), "nms_threshold": float(nms_threshold),
               "train_split": "train", "select_split": "val"}
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        **pseudo_parent}, kind="runs/vlnms")
-    result: dict[str, Any] = {"run": str(out), "name": name, "fingerprint": spec.fingerprint, "cache_hit": False}
-    cached = None if force else spec.cached_summary()
-    if cached is not None:
-        result.update(cached, seconds=round(time.perf_counter() - t_start, 3))
+    result = spec.start(name, force)
+    if result["cache_hit"]:
+        result["seconds"] = round(time.perf_counter() - t_start, 3)
         return result
     ds = load_dataset(ds_dir)
     dets = load_detections(ds, f_path)
@@ -572,11 +573,11 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
         fp = make_fingerprint(APPLY_STEP, {**params, "split": split}, parent_fps)
         res = {"split": split, "tag": tag, "path": str(path), "status": "hit"}
         results.append(res)
-        if force or not is_current(path, fp):
+        hit = current_extra(path, fp, force)
+        if hit is None:
             todo.append((res, path, split, fp))
         else:
-            mf = read_manifest_of(path)
-            res.update(mf.extra if mf else {})
+            res.update(hit)
     if not todo:
         return results
     ds = load_dataset(ds_dir)

@@ -2,7 +2,7 @@
 
 A lightweight *relatedness module* scores every detected box against a text query; the score r_i is fused
 with the detector's confidence c_i as s_i = r_i * c_i, and s replaces c as the suppression criterion of
-NMS, so proposals related to the query survive the filter (:func:`fused_nms`).
+NMS, so proposals related to the query survive the filter (:func:`refground.boxes.fused_nms`).
 
 1. :class:`RelatednessFC` (VL-NMS-FC, Sec. 3.2.1): a Bi-GRU gives word features w_j; each box attends over
    the words (eq. 1) and the attended query feature is fused with the box feature into r_i (eq. 2).
@@ -56,13 +56,13 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from refground.boxes import BoxCoder, _box_iou_np, _float, box_area
+from refground.boxes import BoxCoder, box_area
 from refground.errors import UsageError, check_choice, check_known_fields
+from refground.grounding.rnn import run_packed
 
 VARIANTS = ("fc", "trans")
 LOSSES = ("bce", "rank")
@@ -196,12 +196,7 @@ class TextEncoder(nn.Module):
         self.gru = nn.GRU(word_dim, gru_hidden, batch_first=True, bidirectional=True)
 
     def forward(self, words: Tensor) -> Tensor:
-        lengths = (words != 0).sum(1).clamp(min=1)
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(words), lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
-        out, _ = self.gru(packed)
-        w, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=words.shape[1])
-        return w
+        return run_packed(self.gru, self.embed(words), words)[0]
 
 
 class RelatednessFC(nn.Module):
@@ -509,68 +504,6 @@ def vlnms_loss(out: dict[str, Tensor], labels: Tensor, rho: Tensor, targets: Ten
     return result
 
 
-# ------------------------------------------------------------------------------------------------ fused NMS
-
-
-def fused_nms(boxes: Tensor, confidence: Tensor, relatedness: Tensor, labels: Tensor, iou_threshold: float,
-              top_n: int, class_agnostic: bool = False) -> Tensor:
-    """Query-aware NMS of Sec. 3.2: per-class greedy NMS on the fused score s = r * c, for Q queries that
-    share one image's boxes.
-
-    boxes: Tensor[K, 4] xyxy; confidence: Tensor[K] detector confidences c; relatedness: Tensor[Q, K]
-    relatedness r of each box to each query; labels: Tensor[K] detector classes (boxes of different
-    classes never suppress each other unless ``class_agnostic``); a box is suppressed by a kept,
-    higher-scoring box when their IoU is > ``iou_threshold``. Returns LongTensor[Q, top_n]: per query the
-    kept boxes' indices, highest fused score first (equal scores: lower index first), -1 where fewer than
-    ``top_n`` survive. Row q equals ``refground.boxes.batched_nms(boxes, r_q * c, labels, iou_threshold)
-    [:top_n]`` (``boxes.nms`` when class-agnostic).
-
-    Vectorised over queries, and the loop runs once per *kept* box (at most ``top_n`` times), not once per
-    box: the K x K "suppresses" matrix (IoU > threshold and same class) is built once; each query holds the
-    set of its boxes still alive; a step takes, for every query at once, its alive box of best rank (rank =
-    position in the query's stable descending sort of s), keeps it and removes the boxes it suppresses.
-
-    Like :func:`refground.boxes.nms`, the work runs in numpy on the CPU with the IoU of
-    ``refground.boxes._box_iou_np``, bitwise the values of :func:`refground.boxes.box_iou` and the very
-    function ``nms`` uses: torch's intra-op threads stall on a loaded 2-core machine (a 300 x 300
-    ``box_iou`` measured 6.3 ms with 2 threads against 0.8 ms in numpy), and the per-step ops are tiny.
-    """
-    if boxes.ndim != 2 or boxes.shape[-1] != 4:
-        raise ValueError(f"boxes must be Tensor[K, 4], got shape {tuple(boxes.shape)}")
-    k = boxes.shape[0]
-    if relatedness.ndim != 2 or relatedness.shape[1] != k:
-        raise ValueError(f"relatedness must be Tensor[Q, {k}], got shape {tuple(relatedness.shape)}")
-    if confidence.shape != (k,) or labels.shape != (k,):
-        raise ValueError(f"confidence and labels must be Tensor[{k}]")
-    if top_n < 0:
-        raise ValueError(f"top_n must be >= 0, got {top_n}")
-    nq = relatedness.shape[0]
-    result = np.full((nq, top_n), -1, dtype=np.int64)
-    if k and nq and top_n:
-        # s = r * c in the inputs' dtype, exactly the product a caller hands to batched_nms.
-        fused = (relatedness.detach() * confidence.detach()[None, :]).cpu().double().numpy()
-        order = np.argsort(-fused, axis=1, kind="stable")                # equal scores: lower index first
-        rank = np.empty_like(order)
-        rows = np.arange(nq)
-        rank[rows[:, None], order] = np.arange(k)[None, :]
-        b = _float(boxes).detach().cpu().numpy()
-        over = _box_iou_np(b, b) > float(iou_threshold)                  # [K, K] "i suppresses j"
-        if not class_agnostic:
-            lab = labels.detach().cpu().numpy()
-            over &= lab[:, None] == lab[None, :]
-        alive = np.ones((nq, k), dtype=bool)
-        for n in range(min(top_n, k)):
-            best = np.where(alive, rank, k).argmin(1)                    # each query's best alive box
-            has = alive[rows, best]
-            if not has.any():
-                break
-            q, i = rows[has], best[has]
-            result[q, n] = i
-            alive[q] &= ~over[i]
-            alive[q, i] = False  # a degenerate box does not suppress itself
-    return torch.from_numpy(result).to(boxes.device)
-
-
 __all__ = ["LOSSES", "NUM_Q_LEVELS", "RelatednessFC", "RelatednessTrans", "TextEncoder", "VARIANTS", "VLNMSConfig",
-           "bce_loss", "build_relatedness", "decode_deltas", "fused_nms", "q_values", "ranking_loss",
+           "bce_loss", "build_relatedness", "decode_deltas", "q_values", "ranking_loss",
            "ranking_pairs", "regression_loss", "regression_targets", "spatial_vector", "vlnms_loss"]

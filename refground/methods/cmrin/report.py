@@ -11,20 +11,22 @@ from typing import Any
 
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError
+from refground.tables import EVAL_SPLITS, pct
+from refground.train import MODEL_FILE
 
-SPLITS = ("val", "testA", "testB")
 KINDS = ("relation1", "relation2")
 
 
 def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, ...] | None = None,
-                   splits: tuple[str, ...] = SPLITS) -> dict[str, Any]:
+                   splits: tuple[str, ...] = EVAL_SPLITS) -> dict[str, Any]:
     """``{"rows": [{"run", "label", "<split>": P@1, "<split>/<kind>": P@1, "relations/<split>": P@1}],
     "markdown": str}`` for the runs (default: every Table 2 variant that has a complete run)."""
     from refground.eval.evaluate import comprehension_of
-    from refground.models.cmrin import VARIANTS
-    from refground.models.cmrin_run import predict_cmrin_many, run_dir
+    from refground.methods.cmrin.model import VARIANTS
+    from refground.grounding.candidates import CandidateSpec
+    from refground.methods.cmrin.run import predict_cmrin_many, run_dir
 
-    names = list(runs) if runs else [v for v in VARIANTS if (run_dir(dataset, cache, v) / "model.pt").is_file()]
+    names = list(runs) if runs else [v for v in VARIANTS if (run_dir(dataset, cache, v) / MODEL_FILE).is_file()]
     if not names:
         raise ArtifactError("no CMRIN runs to compare; train them with `refground train cmrin --variant NAME` "
                             f"for NAME in {', '.join(VARIANTS)}")
@@ -32,7 +34,7 @@ def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, .
     rows = []
     for name in names:
         row: dict[str, Any] = {"run": name, "label": VARIANTS.get(name, (name, {}))[0]}
-        for split, res in zip(splits, predict_cmrin_many(dataset, cache, name, [(s, "gt", 0) for s in splits])):
+        for split, res in zip(splits, predict_cmrin_many(dataset, cache, name, [(s, CandidateSpec()) for s in splits])):
             comp = comprehension_of(ds, res["path"], split)
             row[split] = comp["all"]["precision@1"]
             for kind in KINDS:
@@ -46,14 +48,10 @@ def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, .
     return {"rows": rows, "markdown": render_markdown(rows, splits)}
 
 
-def _pct(v: Any) -> str:
-    return "-" if v is None else f"{100 * v:.1f}"
-
-
-def render_markdown(rows: list[dict[str, Any]], splits: tuple[str, ...] = SPLITS) -> str:
+def render_markdown(rows: list[dict[str, Any]], splits: tuple[str, ...] = EVAL_SPLITS) -> str:
     cols = [*splits, *[f"{s}/{k}" for s in splits for k in KINDS]]
     head = "| # | variant | " + " | ".join(c.replace("/", " ") for c in cols) + " |"
     lines = [head, "|---" * (len(cols) + 2) + "|"]
     for i, r in enumerate(rows, 1):
-        lines.append(f"| {i} | {r['label']} | " + " | ".join(_pct(r.get(c)) for c in cols) + " |")
+        lines.append(f"| {i} | {r['label']} | " + " | ".join(pct(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
