@@ -23,6 +23,7 @@ from refground.cache import RaggedH5, fingerprint, is_current, parent, write_h5,
 from refground.cache.manifest import parent_fingerprints
 from refground.data.store import dataset_dir, load_dataset
 from refground.graph import RELATION_NAMES, spatial_relations_many
+from refground.structures import RaggedBoxes
 
 GRAPH_FORMAT = "refground-graph"
 GRAPH_STEP = "graph@1"
@@ -73,9 +74,8 @@ def build_graphs(dataset: str, cache: Any = None, features: str = "detector-defa
                 from refground.errors import ArtifactError
 
                 raise ArtifactError(f"{fpath}: its images differ from the dataset's; run `refground extract --force`")
-            boxes = f.table("proposals", "boxes")
-            po = f.offsets["proposals"]
-        plabels, poffsets = spatial_relations_many([boxes[po[i]:po[i + 1]] for i in range(ds.num_images)], sizes)
+            props = RaggedBoxes.read(f, "proposals")
+        plabels, poffsets = spatial_relations_many([props.group(i) for i in range(ds.num_images)], sizes)
         chunk.update({"proposals.counts": np.diff(poffsets), "proposals.labels": plabels})
     attrs = {"format": GRAPH_FORMAT, "version": FORMAT_VERSION, "relation_names": list(RELATION_NAMES),
              "features": features}

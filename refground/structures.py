@@ -1,269 +1,155 @@
-"""Per-image containers in the style of detectron2: :class:`Boxes` and :class:`Instances`.
+"""The one container of boxes in groups: :class:`RaggedBoxes` (numpy, flat rows with per-group offsets).
 
-Code that handles features, graphs, pseudo labels or predictions passes these around instead of indexing
-``[:, 2]`` by hand. All box math is delegated to :mod:`refground.boxes`.
+A group is an image (the candidates or pre-NMS detections of each image, the proposals of a features
+artifact) or a query (query-aware proposals). Every such set in the library is a :class:`RaggedBoxes`
+(:class:`refground.grounding.candidates.CandidateSet`, :class:`refground.methods.vlnms.run.DetectionSet`,
+:class:`refground.methods.vlnms.run.QueryProposals` subclass it), so the offsets, per-group rows, top-N and
+padding logic lives here once. Box math stays in :mod:`refground.boxes`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
-from refground import boxes as box_ops
-
-Index = int | slice | Tensor | Sequence[int]
+# Names a field may not take: the container's own attributes.
+_RESERVED = frozenset({"offsets", "boxes", "row_fields", "group_fields"})
 
 
-class Boxes:
-    """N boxes as one ``Tensor[N, 4]`` float tensor, xyxy in continuous absolute pixels (``.tensor``).
+def offsets_of(counts: np.ndarray | Sequence[int]) -> np.ndarray:
+    """int64[G + 1] offsets of groups of ``counts`` int[G] rows: ``[0, c0, c0 + c1, ...]``."""
+    return np.concatenate([[0], np.cumsum(np.asarray(counts, dtype=np.int64))]).astype(np.int64)
 
-    Empty-safe: an empty input becomes shape (0, 4). Indexing with an int, slice, bool mask Tensor[N] or
-    index Tensor[K] returns a :class:`Boxes` (an int gives one box, shape (1, 4)); like tensor indexing, a
-    slice shares memory with the original.
+
+def group_rows(offsets: np.ndarray, groups: np.ndarray | Sequence[int] | None = None, n: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``groups`` (default: every group, in order), concatenated in the order of ``groups``, and the
+    new offsets int64[len(groups) + 1] into them; with ``n``, only the first ``n`` rows of each group.
+
+    offsets: int64[G + 1] (group g owns rows ``offsets[g]:offsets[g + 1]``). Vectorised: no loop over rows
+    or groups.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    g = np.arange(len(offsets) - 1) if groups is None else np.asarray(groups, dtype=np.int64).reshape(-1)
+    starts = offsets[g]
+    counts = offsets[g + 1] - starts
+    if n is not None:
+        counts = np.minimum(counts, max(int(n), 0))
+    new_off = offsets_of(counts)
+    rows = np.repeat(starts, counts) + (np.arange(new_off[-1]) - np.repeat(new_off[:-1], counts))
+    return rows.astype(np.int64, copy=False), new_off
+
+
+class RaggedBoxes:
+    """Boxes of G groups, flat in memory with per-group offsets, plus named per-row and per-group fields.
+
+    offsets: int64[G + 1], ``offsets[0] == 0``, non-decreasing; group g owns rows ``offsets[g]:offsets[g + 1]``
+    of every row field. boxes: float[M, 4] (M = ``offsets[-1]``), xyxy in continuous absolute pixels (float32
+    from every loader of the library). Row fields (``rows``): arrays whose first dimension is M, e.g. features
+    float[M, D], scores float32[M], labels int64[M]. Group fields (``groups``): arrays of length G, e.g.
+    image_ids int64[G], image_sizes int64[G, 2] (height, width), query_ids int64[G].
+
+    Every field is an attribute (``rb.features``, ``rb.image_ids``); ``row_fields`` (``"boxes"`` first) and
+    ``group_fields`` name them. Arrays are stored as given (no dtype conversion, no copy); an empty ``boxes``
+    of any shape becomes float32[0, 4]. Subclasses add attributes of their own (relation blocks, timings),
+    which :meth:`top` does not carry.
     """
 
-    def __init__(self, tensor: Tensor | Sequence[Sequence[float]]) -> None:
-        if not isinstance(tensor, Tensor):
-            tensor = torch.as_tensor(tensor, dtype=torch.float32)
-        if not tensor.is_floating_point():
-            tensor = tensor.float()
-        if tensor.numel() == 0:
-            tensor = tensor.reshape(0, 4)
-        if tensor.ndim != 2 or tensor.shape[1] != 4:
-            raise ValueError(f"Boxes needs a Tensor[N, 4], got shape {tuple(tensor.shape)}")
-        self.tensor = tensor
+    offsets: np.ndarray
+    boxes: np.ndarray
+    row_fields: tuple[str, ...]
+    group_fields: tuple[str, ...]
 
-    @classmethod
-    def from_format(cls, tensor: Tensor, fmt: str) -> Boxes:
-        """Boxes from Tensor[N, 4] in ``fmt`` ("xyxy", "xywh" or "cxcywh")."""
-        t = torch.as_tensor(tensor)
-        t = t if t.is_floating_point() else t.float()
-        return cls(box_ops.box_convert(t.reshape(-1, 4), fmt, "xyxy"))
-
-    def convert(self, fmt: str) -> Tensor:
-        """The boxes as Tensor[N, 4] in ``fmt`` ("xyxy", "xywh" or "cxcywh")."""
-        return box_ops.box_convert(self.tensor, "xyxy", fmt)
-
-    @classmethod
-    def cat(cls, boxes_list: Sequence[Boxes]) -> Boxes:
-        """Concatenate a list of Boxes (an empty list gives empty Boxes)."""
-        if not boxes_list:
-            return cls(torch.zeros(0, 4))
-        if not all(isinstance(b, Boxes) for b in boxes_list):
-            raise ValueError("Boxes.cat needs a list of Boxes")
-        return cls(torch.cat([b.tensor for b in boxes_list], dim=0))
-
-    def clone(self) -> Boxes:
-        return Boxes(self.tensor.clone())
-
-    def to(self, *args: Any, **kwargs: Any) -> Boxes:
-        """Boxes with the tensor moved / cast like ``Tensor.to``."""
-        return Boxes(self.tensor.to(*args, **kwargs))
-
-    @property
-    def device(self) -> torch.device:
-        return self.tensor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.tensor.dtype
+    def __init__(self, offsets: np.ndarray | Sequence[int], boxes: np.ndarray,
+                 rows: Mapping[str, Any] | None = None, groups: Mapping[str, Any] | None = None) -> None:
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) == 0 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+            raise ValueError(f"RaggedBoxes needs offsets int[G + 1] from 0, non-decreasing; got {offsets!r}")
+        boxes = np.asarray(boxes)
+        if boxes.size == 0 and boxes.shape != (0, 4):
+            boxes = np.zeros((0, 4), dtype=boxes.dtype if boxes.dtype.kind == "f" else np.float32)
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"RaggedBoxes needs boxes float[M, 4], got shape {boxes.shape}")
+        m, g = int(offsets[-1]), len(offsets) - 1
+        if len(boxes) != m:
+            raise ValueError(f"RaggedBoxes: {len(boxes)} boxes but offsets end at {m}")
+        self.offsets, self.boxes = offsets, boxes
+        rows, groups = dict(rows or {}), dict(groups or {})
+        for kind, fields, want in (("row", rows, m), ("group", groups, g)):
+            for name, value in fields.items():
+                if name in _RESERVED or not name.isidentifier() or hasattr(type(self), name) \
+                        or (kind == "group" and name in rows):
+                    raise ValueError(f"RaggedBoxes: {name!r} cannot be a field name")
+                if len(value) != want:
+                    raise ValueError(f"RaggedBoxes: {kind} field {name!r} has length {len(value)}, expected {want}")
+                setattr(self, name, value)
+        self.row_fields = ("boxes", *rows)
+        self.group_fields = tuple(groups)
 
     def __len__(self) -> int:
-        return self.tensor.shape[0]
-
-    def __getitem__(self, item: Index) -> Boxes:
-        if isinstance(item, int):
-            return Boxes(self.tensor[item].view(1, -1))
-        out = self.tensor[item]
-        if out.ndim != 2:
-            raise IndexError(f"indexing Boxes with {item!r} did not give a Tensor[K, 4]")
-        return Boxes(out)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        """Yields each box as Tensor[4]."""
-        yield from self.tensor
-
-    def __repr__(self) -> str:
-        return f"Boxes({self.tensor!r})"
-
-    def widths(self) -> Tensor:
-        """Tensor[N]: x2 - x1."""
-        return self.tensor[:, 2] - self.tensor[:, 0]
-
-    def heights(self) -> Tensor:
-        """Tensor[N]: y2 - y1."""
-        return self.tensor[:, 3] - self.tensor[:, 1]
-
-    def area(self) -> Tensor:
-        """Tensor[N]: area of each box (0 for degenerate boxes)."""
-        return box_ops.box_area(self.tensor)
-
-    def centers(self) -> Tensor:
-        """Tensor[N, 2]: (cx, cy) of each box."""
-        return box_ops.box_centers(self.tensor)
-
-    def clip(self, image_size: tuple[int, int]) -> Boxes:
-        """New Boxes clipped to an image of ``image_size`` (height, width). (detectron2 clips in place;
-        this returns a copy so that views of shared tensors are never modified.)"""
-        return Boxes(box_ops.clip_boxes_to_image(self.tensor, image_size))
-
-    def nonempty(self, threshold: float = 0.0) -> Tensor:
-        """Bool Tensor[N]: width > threshold and height > threshold."""
-        return (self.widths() > threshold) & (self.heights() > threshold)
-
-    def scale(self, scale_x: float, scale_y: float) -> Boxes:
-        """New Boxes with x coordinates times ``scale_x`` and y coordinates times ``scale_y``."""
-        factor = self.tensor.new_tensor([scale_x, scale_y, scale_x, scale_y])
-        return Boxes(self.tensor * factor)
-
-    def iou(self, other: Boxes) -> Tensor:
-        """Tensor[N, M]: pairwise IoU with ``other`` (M boxes), :func:`refground.boxes.box_iou`."""
-        return box_ops.box_iou(self.tensor, other.tensor)
-
-
-def _field_len(value: Any) -> int:
-    try:
-        return len(value)
-    except TypeError:
-        raise ValueError(f"an Instances field needs a length, got {type(value).__name__}") from None
-
-
-def _index_field(value: Any, item: int | slice | Tensor | Sequence[int]) -> Any:
-    """Index one field: tensors, Boxes and anything tensor-indexable directly; lists / tuples by position."""
-    if isinstance(value, (list, tuple)):
-        if isinstance(item, slice):
-            return type(value)(value[item])
-        idx = torch.as_tensor(item)
-        if idx.dtype == torch.bool:
-            if idx.shape != (len(value),):
-                raise IndexError(f"bool mask of shape {tuple(idx.shape)} for a field of length {len(value)}")
-            idx = torch.nonzero(idx).squeeze(1)
-        return type(value)(value[i] for i in idx.reshape(-1).tolist())
-    return value[item]
-
-
-class Instances:
-    """Per-image set of N instances: ``image_size`` (height, width) plus any number of fields of length N.
-
-    Fields are tensors (first dimension N), :class:`Boxes`, lists or anything with ``len`` and
-    tensor-style indexing; set them as attributes (``inst.scores = t``) or with :meth:`set`. Setting a
-    field whose length differs from the existing ones raises ValueError. Indexing (int, slice, bool mask,
-    index tensor) indexes every field and returns a new Instances; an int keeps a length-1 Instances.
-    """
-
-    def __init__(self, image_size: tuple[int, int], **fields: Any) -> None:
-        h, w = image_size
-        self._image_size = (int(h), int(w))
-        self._fields: dict[str, Any] = {}
-        for name, value in fields.items():
-            self.set(name, value)
+        """G, the number of groups."""
+        return len(self.offsets) - 1
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        """(height, width)."""
-        return self._image_size
+    def num_rows(self) -> int:
+        """M, the number of rows (boxes) over all groups."""
+        return int(self.offsets[-1])
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_"):
-            super().__setattr__(name, value)
-        else:
-            self.set(name, value)
+    def counts(self) -> np.ndarray:
+        """int64[G]: rows per group."""
+        return np.diff(self.offsets)
 
-    def __getattr__(self, name: str) -> Any:
-        # Only called when normal lookup fails; guard _fields so copy/pickle of a bare object cannot recurse.
-        if name == "_fields" or name not in self._fields:
-            raise AttributeError(f"Instances has no field {name!r}")
-        return self._fields[name]
+    def rows(self, g: int) -> slice:
+        """The rows of group ``g``: ``offsets[g]:offsets[g + 1]``."""
+        return slice(int(self.offsets[g]), int(self.offsets[g + 1]))
 
-    def __delattr__(self, name: str) -> None:
-        if name.startswith("_"):
-            super().__delattr__(name)
-        else:
-            self.remove(name)
+    def group(self, g: int, field: str = "boxes") -> Any:
+        """Row field ``field`` (default the boxes, float[K_g, 4]) of group ``g``: a view, shape [K_g, ...]."""
+        if field not in self.row_fields:
+            raise KeyError(f"RaggedBoxes has no row field {field!r} (row fields: {', '.join(self.row_fields)})")
+        return getattr(self, field)[self.rows(g)]
 
-    def set(self, name: str, value: Any) -> None:
-        """Add or replace field ``name``; ValueError if its length differs from the other fields'."""
-        n = _field_len(value)
-        others = [k for k in self._fields if k != name]
-        if others and n != len(self._fields[others[0]]):
-            raise ValueError(f"field {name!r} has length {n}, but the other fields have length "
-                             f"{len(self._fields[others[0]])}")
-        self._fields[name] = value
+    def group_rows(self, groups: np.ndarray | Sequence[int] | None = None, n: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`group_rows` of this container: rows int64[R] of ``groups`` (in that order; default all), the
+        first ``n`` of each when given, and offsets int64[len(groups) + 1] into them."""
+        return group_rows(self.offsets, groups, n)
 
-    def has(self, name: str) -> bool:
-        return name in self._fields
+    def top(self, n: int) -> RaggedBoxes:
+        """The first ``n`` rows of every group (all rows of a group with fewer), every row field gathered and
+        every group field kept: a new :class:`RaggedBoxes` (a plain one, also for subclasses)."""
+        rows, offsets = self.group_rows(None, n)
+        return RaggedBoxes(offsets, self.boxes[rows], {k: getattr(self, k)[rows] for k in self.row_fields[1:]},
+                           {k: getattr(self, k) for k in self.group_fields})
 
-    def get(self, name: str) -> Any:
-        """Field ``name`` (KeyError if absent)."""
-        if name not in self._fields:
-            raise KeyError(f"Instances has no field {name!r}")
-        return self._fields[name]
+    def padded_rows(self, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices of ``groups`` int[N] padded to the largest of them (K = max(1, largest count)):
+        rows int64[N, K] (0 at padding, so they index any row field safely when M > 0) and valid bool[N, K]."""
+        groups = np.asarray(groups, dtype=np.int64)
+        counts = self.offsets[groups + 1] - self.offsets[groups]
+        k = max(1, int(counts.max()) if len(counts) else 1)
+        slot = np.arange(k)
+        valid = slot[None, :] < counts[:, None]
+        return np.where(valid, self.offsets[groups][:, None] + slot[None, :], 0), valid
 
-    def remove(self, name: str) -> None:
-        """Delete field ``name`` (KeyError if absent)."""
-        if name not in self._fields:
-            raise KeyError(f"Instances has no field {name!r}")
-        del self._fields[name]
-
-    def get_fields(self) -> dict[str, Any]:
-        """The field dict (name -> value), in insertion order."""
-        return self._fields
-
-    def __len__(self) -> int:
-        for value in self._fields.values():
-            return len(value)
-        return 0
-
-    def to(self, *args: Any, **kwargs: Any) -> Instances:
-        """New Instances with every field that has ``.to`` (tensors, Boxes) moved / cast."""
-        out = Instances(self._image_size)
-        for name, value in self._fields.items():
-            out.set(name, value.to(*args, **kwargs) if hasattr(value, "to") else value)
-        return out
-
-    def __getitem__(self, item: Index) -> Instances:
-        if isinstance(item, int):
-            n = len(self)
-            if not -n <= item < n:
-                raise IndexError(f"Instances index {item} out of range for length {n}")
-            item = slice(item, item + 1 if item != -1 else None)
-        out = Instances(self._image_size)
-        for name, value in self._fields.items():
-            out.set(name, _index_field(value, item))
-        return out
+    @property
+    def feature_dim(self) -> int:
+        """D of the row field ``features`` float[M, D] (AttributeError without one)."""
+        if "features" not in self.row_fields:
+            raise AttributeError(f"{type(self).__name__} has no features")
+        return int(getattr(self, "features").shape[1])
 
     @staticmethod
-    def cat(instance_lists: Sequence[Instances]) -> Instances:
-        """Concatenate Instances of the same image size and field names, field by field (tensors with
-        torch.cat, Boxes with Boxes.cat, lists / tuples by concatenation)."""
-        if not instance_lists:
-            raise ValueError("Instances.cat needs at least one Instances")
-        first = instance_lists[0]
-        names = list(first._fields)
-        for inst in instance_lists[1:]:
-            if inst.image_size != first.image_size:
-                raise ValueError(f"Instances.cat: image sizes differ ({first.image_size} vs {inst.image_size})")
-            if sorted(inst._fields) != sorted(names):
-                raise ValueError(f"Instances.cat: fields differ ({sorted(names)} vs {sorted(inst._fields)})")
-        out = Instances(first.image_size)
-        for name in names:
-            values = [inst._fields[name] for inst in instance_lists]
-            v0 = values[0]
-            if isinstance(v0, Tensor):
-                merged = torch.cat(values, dim=0)
-            elif isinstance(v0, (list, tuple)):
-                merged = type(v0)(x for v in values for x in v)
-            elif hasattr(type(v0), "cat"):
-                merged = type(v0).cat(values)
-            else:
-                raise ValueError(f"Instances.cat: cannot concatenate field {name!r} of type {type(v0).__name__}")
-            out.set(name, merged)
-        return out
+    def read(f: Any, section: str, fields: Iterable[str] = ()) -> RaggedBoxes:
+        """A ragged section of an HDF5 artifact (:class:`refground.cache.RaggedH5` ``f``): its offsets, its
+        ``boxes`` and the row ``fields`` named, as stored (no dtype conversion). Always a plain RaggedBoxes."""
+        return RaggedBoxes(f.offsets[section], f.table(section, "boxes"), {k: f.table(section, k) for k in fields})
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}: {type(v).__name__}" for k, v in self._fields.items())
-        return f"Instances(num_instances={len(self)}, image_height={self._image_size[0]}, " \
-               f"image_width={self._image_size[1]}, fields=[{fields}])"
+        return (f"{type(self).__name__}(groups={len(self)}, rows={self.num_rows}, "
+                f"row_fields={list(self.row_fields)}, group_fields={list(self.group_fields)})")
+
+
+__all__ = ["RaggedBoxes", "group_rows", "offsets_of"]

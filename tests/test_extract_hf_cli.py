@@ -37,7 +37,7 @@ def _extract(capsys, *args) -> dict:
 def test_hf_detector_backbone_and_clip_end_to_end(hf_cache, synth_ds, capsys):
     c = str(hf_cache["cache"])
     res = _extract(capsys, "--cache", c, "--detector", f"hf:{hf_cache['detr']}", "--backbone",
-                   f"hf:{hf_cache['backbone']}", "--clip", f"hf:{hf_cache['clip']}", "-n", "5", "--chunk-size", "10")
+                   f"hf:{hf_cache['backbone']}", "--clip", f"hf:{hf_cache['clip']}", "--max-proposals", "5", "--chunk-size", "10")
     name = "hf-detr+hf-resnet"
     assert res["name"] == name and res["images_computed"] == synth_ds.num_images
     assert {k: v["status"] for k, v in res["artifacts"].items()} == {"features": "written", "dense": "written",
@@ -63,12 +63,12 @@ def test_hf_detector_backbone_and_clip_end_to_end(hf_cache, synth_ds, capsys):
     assert set(m.parents) == {"dataset", "clip", "features"}
     # The same command again is a cache hit for all three.
     again = _extract(capsys, "--cache", c, "--detector", f"hf:{hf_cache['detr']}", "--backbone",
-                     f"hf:{hf_cache['backbone']}", "--clip", f"hf:{hf_cache['clip']}", "-n", "5", "--chunk-size", "10")
+                     f"hf:{hf_cache['backbone']}", "--clip", f"hf:{hf_cache['clip']}", "--max-proposals", "5", "--chunk-size", "10")
     assert again["cache_hit"] and all(a["status"] == "hit" for a in again["artifacts"].values())
 
 
 def test_hf_detector_alone_uses_its_query_embeddings(hf_cache, capsys):
-    res = _extract(capsys, "--cache", str(hf_cache["cache"]), "--detector", f"hf:{hf_cache['yolos']}", "-n", "3")
+    res = _extract(capsys, "--cache", str(hf_cache["cache"]), "--detector", f"hf:{hf_cache['yolos']}", "--max-proposals", "3")
     assert set(res["artifacts"]) == {"features"}  # no feature source: no dense maps
     with RaggedH5(hf_cache["cache"] / "synth" / "features" / "hf-yolos.h5") as f:
         assert f.table("proposals", "features").shape[1] == 16

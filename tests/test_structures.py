@@ -1,140 +1,160 @@
-"""refground.structures: Boxes and Instances."""
+"""refground.structures: RaggedBoxes, checked against slow, obviously correct loops."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
-import torch
 
-from refground import boxes as box_ops
-from refground.structures import Boxes, Instances
-
-T = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0], [3.0, 3.0, 3.0, 9.0], [-4.0, 2.0, 30.0, 40.0]])
+from refground.structures import RaggedBoxes, group_rows, offsets_of
 
 
-def test_boxes_construction_and_empty():
-    b = Boxes(T)
-    assert len(b) == 4 and b.tensor is T
-    assert Boxes([[0, 0, 1, 2]]).tensor.dtype == torch.float32
-    assert Boxes(torch.tensor([[0, 0, 1, 2]])).dtype == torch.float32  # ints become float
-    assert Boxes(T.double()).dtype == torch.float64
-    for empty in (torch.zeros(0), torch.zeros(0, 4), []):
-        e = Boxes(empty)
-        assert e.tensor.shape == (0, 4) and len(e) == 0
-        assert e.area().shape == (0,) and e.centers().shape == (0, 2) and e.nonempty().shape == (0,)
-        assert e.iou(b).shape == (0, 4)
-    with pytest.raises(ValueError):
-        Boxes(torch.zeros(3, 5))
+def make(counts: list[int], seed: int = 0, dim: int = 3) -> RaggedBoxes:
+    rng = np.random.default_rng(seed)
+    m = sum(counts)
+    xy = rng.uniform(0, 50, (m, 2)).astype(np.float32)
+    boxes = np.concatenate([xy, xy + rng.uniform(1, 20, (m, 2)).astype(np.float32)], axis=1)
+    return RaggedBoxes(offsets_of(counts), boxes,
+                       {"features": rng.standard_normal((m, dim)).astype(np.float32),
+                        "scores": rng.uniform(0, 1, m).astype(np.float32), "ids": np.arange(m, dtype=np.int64)},
+                       {"image_ids": np.arange(len(counts), dtype=np.int64) * 10,
+                        "image_sizes": np.tile(np.array([[64, 80]], np.int64), (len(counts), 1))})
 
 
-def test_boxes_indexing_returns_boxes():
-    b = Boxes(T)
-    one = b[1]
-    assert isinstance(one, Boxes) and one.tensor.tolist() == [T[1].tolist()]
-    assert b[1:3].tensor.tolist() == T[1:3].tolist()
-    mask = torch.tensor([True, False, False, True])
-    assert b[mask].tensor.tolist() == T[mask].tolist()
-    assert b[torch.tensor([3, 0])].tensor.tolist() == [T[3].tolist(), T[0].tolist()]
-    assert len(b[torch.zeros(4, dtype=torch.bool)]) == 0
-    assert [r.tolist() for r in b] == T.tolist()
-    with pytest.raises(IndexError):
-        b[:, 0]
+def slow_offsets(counts: list[int]) -> list[int]:
+    out = [0]
+    for c in counts:
+        out.append(out[-1] + c)
+    return out
 
 
-def test_boxes_geometry_delegates_to_box_ops():
-    b = Boxes(T)
-    assert torch.equal(b.area(), box_ops.box_area(T))
-    assert b.area().tolist() == [100.0, 200.0, 0.0, 34.0 * 38.0]
-    assert b.centers().tolist() == [[5.0, 5.0], [10.0, 15.0], [3.0, 6.0], [13.0, 21.0]]
-    assert b.widths().tolist() == [10.0, 10.0, 0.0, 34.0] and b.heights().tolist() == [10.0, 20.0, 6.0, 38.0]
-    assert b.nonempty().tolist() == [True, True, False, True]
-    assert b.nonempty(threshold=10.0).tolist() == [False, False, False, True]
-    clipped = b.clip((20, 12))  # (height, width)
-    assert clipped.tensor.tolist() == [[0, 0, 10, 10], [5, 5, 12, 20], [3, 3, 3, 9], [0, 2, 12, 20]]
-    assert b.tensor[3, 0] == -4.0  # clip returns a copy
-    assert torch.equal(b.iou(b[:2]), box_ops.box_iou(T, T[:2]))
-    assert b.scale(2.0, 0.5).tensor[1].tolist() == [10.0, 2.5, 30.0, 12.5]
-    torch.testing.assert_close(Boxes.from_format(b.convert("cxcywh"), "cxcywh").tensor, T)
-    assert b.convert("xywh")[1].tolist() == [5.0, 5.0, 10.0, 20.0]
+CASES = [[3, 0, 5, 1], [0, 0, 0], [7], [], [2, 9, 0, 0, 4]]
 
 
-def test_boxes_cat_to_clone():
-    b = Boxes(T)
-    c = Boxes.cat([b[:1], Boxes(torch.zeros(0, 4)), b[2:]])
-    assert c.tensor.tolist() == [T[0].tolist()] + T[2:].tolist()
-    assert len(Boxes.cat([])) == 0
-    assert b.to(torch.float64).dtype == torch.float64 and b.to("cpu").device.type == "cpu"
-    k = b.clone()
-    k.tensor[0, 0] = 99.0
-    assert T[0, 0] == 0.0
-    with pytest.raises(ValueError):
-        Boxes.cat([b, T])
-    assert "Boxes(" in repr(b)
+@pytest.mark.parametrize("counts", CASES)
+def test_groups_rows_and_fields(counts):
+    rb = make(counts)
+    assert rb.offsets.dtype == np.int64 and rb.offsets.tolist() == slow_offsets(counts)
+    assert len(rb) == len(counts) and rb.num_rows == sum(counts)
+    assert rb.counts().tolist() == counts
+    assert rb.boxes.shape == (sum(counts), 4) and rb.feature_dim == 3
+    assert rb.row_fields == ("boxes", "features", "scores", "ids") and rb.group_fields == ("image_ids", "image_sizes")
+    start = 0
+    for g, c in enumerate(counts):
+        assert rb.rows(g) == slice(start, start + c)
+        for name in rb.row_fields:
+            np.testing.assert_array_equal(rb.group(g, name), getattr(rb, name)[start:start + c])
+        assert rb.group(g).shape == (c, 4)
+        start += c
+    with pytest.raises(KeyError):
+        rb.group(0, "image_ids")
 
 
-def make() -> Instances:
-    inst = Instances((30, 40), scores=torch.tensor([0.9, 0.1, 0.5, 0.7]))
-    inst.boxes = Boxes(T)
-    inst.labels = ["a", "b", "c", "d"]
-    return inst
+@pytest.mark.parametrize("counts", CASES)
+@pytest.mark.parametrize("n", [0, 1, 2, 5, 100])
+def test_top_matches_a_loop(counts, n):
+    rb = make(counts, seed=len(counts) + n)
+    top = rb.top(n)
+    assert type(top) is RaggedBoxes and len(top) == len(rb)
+    assert top.counts().tolist() == [min(c, n) for c in counts]
+    for name in rb.row_fields:
+        parts = [getattr(rb, name)[rb.offsets[g]:rb.offsets[g] + min(c, n)] for g, c in enumerate(counts)]
+        want = np.concatenate(parts) if parts else getattr(rb, name)[:0]
+        got = getattr(top, name)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+    for name in rb.group_fields:
+        np.testing.assert_array_equal(getattr(top, name), getattr(rb, name))
+    assert top.feature_dim == rb.feature_dim
 
 
-def test_instances_fields():
-    inst = make()
-    assert len(inst) == 4 and inst.image_size == (30, 40)
-    assert inst.has("boxes") and not inst.has("masks")
-    assert inst.get("labels") == ["a", "b", "c", "d"] and inst.labels is inst.get("labels")
-    assert list(inst.get_fields()) == ["scores", "boxes", "labels"]
-    inst.set("scores", torch.zeros(4))  # replacing with the same length is fine
-    with pytest.raises(ValueError, match="length"):
-        inst.extra = torch.zeros(3)
-    with pytest.raises(ValueError, match="length"):
-        inst.set("scores", torch.zeros(5))
-    with pytest.raises(ValueError):
-        inst.set("count", 3)  # no length
-    inst.remove("labels")
-    assert not inst.has("labels")
-    del inst.scores
-    assert list(inst.get_fields()) == ["boxes"]
+@pytest.mark.parametrize("counts", CASES)
+def test_group_rows_and_padded_rows_match_loops(counts):
+    rb = make(counts)
+    rng = np.random.default_rng(len(counts))
+    picks = [np.arange(len(counts)), rng.integers(0, max(len(counts), 1), 6) if counts else np.zeros(0, np.int64),
+             np.zeros(0, np.int64)]
+    for groups in picks:
+        for n in (None, 0, 1, 3):
+            rows, off = rb.group_rows(groups, n)
+            want = [r for g in groups.tolist() for r in range(rb.offsets[g], rb.offsets[g + 1])
+                    [: (counts[g] if n is None else n)]]
+            assert rows.dtype == np.int64 and rows.tolist() == want
+            lens = [min(counts[g], counts[g] if n is None else n) for g in groups.tolist()]
+            assert off.tolist() == slow_offsets(lens)
+            np.testing.assert_array_equal(group_rows(rb.offsets, groups, n)[0], rows)
+        rows, valid = rb.padded_rows(groups)
+        k = max([1] + [counts[g] for g in groups.tolist()])
+        assert rows.shape == valid.shape == (len(groups), k)
+        for i, g in enumerate(groups.tolist()):
+            for j in range(k):
+                assert valid[i, j] == (j < counts[g])
+                assert rows[i, j] == (rb.offsets[g] + j if j < counts[g] else 0)
+
+
+def test_empty_container_and_offsets_of():
+    rb = RaggedBoxes(np.zeros(1, np.int64), np.zeros(0))
+    assert len(rb) == 0 and rb.num_rows == 0 and rb.boxes.shape == (0, 4) and rb.counts().shape == (0,)
+    assert rb.top(3).offsets.tolist() == [0] and rb.group_rows()[0].shape == (0,)
+    assert rb.padded_rows(np.zeros(0, np.int64))[0].shape == (0, 1)
     with pytest.raises(AttributeError):
-        inst.labels
-    with pytest.raises(KeyError):
-        inst.get("labels")
-    with pytest.raises(KeyError):
-        inst.remove("labels")
-    assert len(Instances((1, 1))) == 0
-    assert "num_instances=1" in repr(inst[0])
+        _ = rb.feature_dim
+    assert offsets_of([]).tolist() == [0] and offsets_of([]).dtype == np.int64
+    assert offsets_of(np.array([2, 0, 3])).tolist() == [0, 2, 2, 5]
+    assert "groups=0" in repr(rb)
 
 
-def test_instances_indexing():
-    inst = make()
-    top = inst[inst.scores > 0.6]
-    assert isinstance(top, Instances) and top.image_size == (30, 40)
-    assert top.scores.tolist() == pytest.approx([0.9, 0.7]) and top.labels == ["a", "d"]
-    assert isinstance(top.boxes, Boxes) and top.boxes.tensor.tolist() == [T[0].tolist(), T[3].tolist()]
-    order = inst[torch.argsort(inst.scores, descending=True)]
-    assert order.labels == ["a", "d", "c", "b"]
-    assert inst[1:3].labels == ["b", "c"] and len(inst[1:3].boxes) == 2
-    last = inst[-1]
-    assert len(last) == 1 and last.labels == ["d"] and last.boxes.tensor.tolist() == [T[3].tolist()]
-    assert inst[0].scores.shape == (1,)
-    assert len(inst[torch.zeros(4, dtype=torch.bool)]) == 0
-    with pytest.raises(IndexError):
-        inst[4]
-    with pytest.raises(IndexError):
-        inst[torch.tensor([True, False])]
-
-
-def test_instances_cat_and_to():
-    a, b = make(), make()[2:]
-    c = Instances.cat([a, b])
-    assert len(c) == 6 and c.labels == ["a", "b", "c", "d", "c", "d"]
-    assert c.boxes.tensor.tolist() == T.tolist() + T[2:].tolist()
-    assert c.scores.shape == (6,)
-    with pytest.raises(ValueError, match="image sizes"):
-        Instances.cat([a, Instances((1, 2), scores=torch.zeros(1), boxes=Boxes(T[:1]), labels=["x"])])
-    with pytest.raises(ValueError, match="fields"):
-        Instances.cat([a, Instances((30, 40), scores=torch.zeros(1))])
+def test_invalid_inputs_raise():
+    boxes = np.zeros((3, 4), np.float32)
+    for off in ([1, 3], [0, 2, 1, 3], [], [[0, 3]], [0, 4]):
+        with pytest.raises(ValueError):
+            RaggedBoxes(np.array(off, np.int64), boxes)
     with pytest.raises(ValueError):
-        Instances.cat([])
-    d = a.to(torch.float64)
-    assert d.scores.dtype == torch.float64 and d.boxes.dtype == torch.float64 and d.labels == a.labels
+        RaggedBoxes([0, 3], np.zeros((3, 5)))
+    with pytest.raises(ValueError):
+        RaggedBoxes([0, 3], boxes, {"scores": np.zeros(2)})
+    with pytest.raises(ValueError):
+        RaggedBoxes([0, 3], boxes, groups={"image_ids": np.zeros(2)})
+    for bad in ("offsets", "top", "rows", "counts", "group", "not an identifier"):
+        with pytest.raises(ValueError):
+            RaggedBoxes([0, 3], boxes, {bad: np.zeros(3)})
+    with pytest.raises(ValueError):
+        RaggedBoxes([0, 3], boxes, {"x": np.zeros(3)}, {"x": np.zeros(1)})
+
+
+def test_read_a_ragged_section(tmp_path):
+    from refground.cache import RaggedH5, write_h5
+
+    rb = make([2, 0, 3])
+    path = tmp_path / "a.h5"
+    write_h5(path, [{"images.ids": rb.image_ids, "proposals.counts": rb.counts(), "proposals.boxes": rb.boxes,
+                     "proposals.scores": rb.scores}], {})
+    with RaggedH5(path) as f:
+        back = RaggedBoxes.read(f, "proposals", ("scores",))
+    assert back.row_fields == ("boxes", "scores") and back.group_fields == ()
+    np.testing.assert_array_equal(back.offsets, rb.offsets)
+    np.testing.assert_array_equal(back.boxes, rb.boxes)
+    np.testing.assert_array_equal(back.scores, rb.scores)
+
+
+def test_the_library_sets_are_ragged_boxes():
+    from refground.grounding.candidates import CandidateSet
+    from refground.methods.vlnms.run import DetectionSet, QueryProposals
+
+    counts = [2, 0, 3]
+    base = make(counts)
+    rel_off = offsets_of([c * c for c in counts])
+    cands = CandidateSet("gt", base.image_ids, base.offsets, base.boxes, base.features, np.zeros((5, 5), np.float32),
+                         base.ids, np.arange(rel_off[-1], dtype=np.uint8), rel_off, base.image_sizes)
+    assert isinstance(cands, RaggedBoxes) and cands.feature_dim == 3 and cands.source == "gt"
+    assert cands.row_fields == ("boxes", "features", "spatial", "object_ids")
+    assert cands.relation_matrix(2).tolist() == np.arange(4, 13).reshape(3, 3).tolist()
+    assert cands.relation_matrix(1).shape == (0, 0)
+    dets = DetectionSet(base.image_ids, base.offsets, base.boxes, base.scores, base.ids, base.features,
+                        base.image_sizes, np.zeros(4, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                        np.zeros(4, np.int64), 0.05)
+    assert isinstance(dets, RaggedBoxes) and dets.rows(2) == slice(2, 5) and dets.threshold == 0.05
+    np.testing.assert_array_equal(dets.group(2, "scores"), base.scores[2:5])
+    props = QueryProposals(base.image_ids, base.offsets, base.ids, base.boxes, base.scores, base.scores, 1.0, 2.0)
+    assert isinstance(props, RaggedBoxes) and props.query_ids is base.image_ids
+    np.testing.assert_array_equal(props.ranked_boxes(0), base.boxes[:2])
+    assert props.ranked_boxes(1).shape == (0, 4)

@@ -2,7 +2,8 @@
 
 A :class:`CandidateSet` holds, for every group (an image, or a query for query-aware proposals), its
 candidate boxes with region features, 5-d spatial features p_i and the spatial relation graph between
-them, flat in memory with per-group offsets. A :class:`CandidateSpec` names where candidates come from:
+them, flat in memory with per-group offsets (a :class:`~refground.structures.RaggedBoxes`). A
+:class:`CandidateSpec` names where candidates come from:
 
 * ``gt``: the ground-truth objects of each image (features and graph artifacts);
 * ``proposals``: the first ``top_n`` proposals of each image by confidence (features and graph artifacts);
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -28,6 +30,7 @@ from refground.data.model import Dataset
 from refground.errors import ArtifactError, UsageError
 from refground.graph_artifact import graph_path
 from refground.grounding.queries import QueryTable, group_queries
+from refground.structures import RaggedBoxes, offsets_of
 
 SOURCES = ("gt", "proposals", "vlnms")
 QUERY_PROPOSALS = "vlnms"  # the folder of query-aware proposal sets: <cache>/<dataset>/vlnms/<tag>/<split>.h5
@@ -43,37 +46,39 @@ VFLIP_WORDS = (("top", "bottom"), ("topmost", "bottommost"), ("above", "below"),
                ("upper", "lower"), ("beneath", "above"), ("lowest", "topmost"))
 
 
-@dataclass
-class CandidateSet:
-    """Candidates of every image, flat with offsets (image row r owns rows ``offsets[r]:offsets[r + 1]``).
+class CandidateSet(RaggedBoxes):
+    """Candidates of every group (an image, or a query for query-aware proposals): a
+    :class:`~refground.structures.RaggedBoxes` (group g owns rows ``offsets[g]:offsets[g + 1]``).
 
-    boxes float32[M, 4] xyxy pixels; features float32[M, D]; spatial float32[M, 5] (= [x, y, w, h, wh],
-    :func:`refground.methods.cmrin.model.spatial_feature`); object_ids int64[M] (ground-truth object id, or -1
-    for proposals); relations: uint8 flat per image (K_r x K_r, entry [a, b] the label of a to b) with
-    ``rel_offsets`` int64[I + 1]; image_sizes int64[I, 2] (height, width).
+    Row fields: boxes float32[M, 4] xyxy pixels; features float32[M, D]; spatial float32[M, 5] (= [x, y, w, h,
+    wh], :func:`refground.boxes.spatial_feature`); object_ids int64[M] (ground-truth object id, or -1 for
+    proposals). Group fields: image_ids int64[G] (a query group's: its query's image); image_sizes int64[G, 2]
+    (height, width). Also ``source`` (one of :data:`SOURCES`) and the relation graphs: relations uint8 flat per
+    group (K_g x K_g, entry [a, b] the label of a to b) with ``rel_offsets`` int64[G + 1].
     """
 
     source: str
     image_ids: np.ndarray
-    offsets: np.ndarray
-    boxes: np.ndarray
+    image_sizes: np.ndarray
     features: np.ndarray
     spatial: np.ndarray
     object_ids: np.ndarray
     relations: np.ndarray
     rel_offsets: np.ndarray
-    image_sizes: np.ndarray
 
-    @property
-    def feature_dim(self) -> int:
-        return int(self.features.shape[1])
+    def __init__(self, source: str, image_ids: np.ndarray, offsets: np.ndarray, boxes: np.ndarray,
+                 features: np.ndarray, spatial: np.ndarray, object_ids: np.ndarray, relations: np.ndarray,
+                 rel_offsets: np.ndarray, image_sizes: np.ndarray) -> None:
+        super().__init__(offsets, boxes, {"features": features, "spatial": spatial, "object_ids": object_ids},
+                         {"image_ids": image_ids, "image_sizes": image_sizes})
+        if len(rel_offsets) != len(self) + 1:
+            raise ValueError(f"CandidateSet: rel_offsets has length {len(rel_offsets)}, expected {len(self) + 1}")
+        self.source, self.relations, self.rel_offsets = source, relations, rel_offsets
 
-    def counts(self) -> np.ndarray:
-        return np.diff(self.offsets)
-
-    def relation_matrix(self, image_row: int) -> np.ndarray:
-        k = int(self.offsets[image_row + 1] - self.offsets[image_row])
-        a, b = int(self.rel_offsets[image_row]), int(self.rel_offsets[image_row + 1])
+    def relation_matrix(self, group: int) -> np.ndarray:
+        """uint8[K_g, K_g]: the relation labels among group ``group``'s candidates."""
+        k = int(self.offsets[group + 1] - self.offsets[group])
+        a, b = int(self.rel_offsets[group]), int(self.rel_offsets[group + 1])
         return self.relations[a:b].reshape(k, k)
 
 
@@ -81,14 +86,6 @@ def _spatial(boxes: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     from refground.boxes import spatial_feature
 
     return spatial_feature(torch.from_numpy(boxes.astype(np.float32)), torch.from_numpy(sizes)).numpy()
-
-
-def _top_rows(offsets: np.ndarray, top_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of the first ``top_n`` items of every image, and the new offsets."""
-    counts = np.minimum(np.diff(offsets), top_n)
-    new_off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    rows = np.repeat(offsets[:-1], counts) + (np.arange(new_off[-1]) - np.repeat(new_off[:-1], counts))
-    return rows, new_off
 
 
 def _sub_relations(flat: np.ndarray, offsets: np.ndarray, counts: np.ndarray, keep: np.ndarray
@@ -101,8 +98,7 @@ def _sub_relations(flat: np.ndarray, offsets: np.ndarray, counts: np.ndarray, ke
         m = flat[offsets[r]:offsets[r] + k * k].reshape(k, k)
         parts.append(m[:n, :n].reshape(-1))
         lens.append(n * n)
-    rel_off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), rel_off
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), offsets_of(lens)
 
 
 def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n: int = 10,
@@ -143,12 +139,13 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
         else:
             if not g.has("proposals"):
                 raise ArtifactError(f"{graph_file}: no proposal graphs; run `refground graph`")
-            full_off = f.offsets["proposals"]
-            rows, offsets = _top_rows(full_off, top_n)
-            features = f.table("proposals", "features")[rows].astype(np.float32)
-            boxes = f.table("proposals", "boxes")[rows].astype(np.float32)
-            object_ids = np.full(len(rows), -1, dtype=np.int64)
-            counts = np.diff(full_off)
+            props = RaggedBoxes.read(f, "proposals", ("features",))
+            top = props.top(top_n)
+            offsets = top.offsets
+            features = top.features.astype(np.float32)
+            boxes = top.boxes.astype(np.float32)
+            object_ids = np.full(len(boxes), -1, dtype=np.int64)
+            counts = props.counts()
             if not np.array_equal(np.diff(g.offsets["proposals"]), counts ** 2):
                 raise ArtifactError(f"{graph_file}: its proposal graphs do not match {features_file}; "
                                     "run `refground graph --force`")
@@ -174,9 +171,10 @@ def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) ->
     require(proposals_file, f"refground vlnms --split {Path(proposals_file).stem}", check_parents=True)
     with RaggedH5(proposals_file) as f:
         qids = f.table("queries", "ids").astype(np.int64)
-        rows, offsets = _top_rows(f.offsets["proposals"], top_n)
-        boxes = f.table("proposals", "boxes")[rows].astype(np.float32)
-        features = f.table("proposals", "features")[rows].astype(np.float32)
+        top = RaggedBoxes.read(f, "proposals", ("features",)).top(top_n)
+    offsets = top.offsets
+    boxes = top.boxes.astype(np.float32)
+    features = top.features.astype(np.float32)
     image_rows = np.array([ds.image_row(int(ds.query_image_ids[ds.query_row(int(q))])) for q in qids], dtype=np.int64)
     sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)[image_rows]
     group_boxes = [boxes[offsets[g]:offsets[g + 1]] for g in range(len(qids))]
@@ -283,11 +281,9 @@ def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray, flip
     mirroring the queries that ``flips`` selects."""
     index = np.asarray(index, dtype=np.int64)
     img = queries.image_rows[index]
-    counts = cands.offsets[img + 1] - cands.offsets[img]
-    k = max(1, int(counts.max()) if len(counts) else 1)
-    slot = np.arange(k)
-    valid = slot[None, :] < counts[:, None]                                         # [B, K]
-    rows = np.where(valid, cands.offsets[img][:, None] + slot[None, :], 0)
+    counts = cands.counts()[img]
+    rows, valid = cands.padded_rows(img)                                            # [B, K]
+    slot = np.arange(rows.shape[1])
     feats = cands.features[rows] * valid[..., None]
     spatial = cands.spatial[rows] * valid[..., None]
     pair_valid = valid[:, :, None] & valid[:, None, :]
@@ -310,12 +306,11 @@ def make_batch(queries: QueryTable, cands: CandidateSet, index: np.ndarray, flip
                  torch.from_numpy(valid), torch.from_numpy(queries.targets[index].copy()), index)
 
 
-def feature_stats(cands: Any, image_rows: np.ndarray, limit: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-dimension mean and standard deviation of the features of ``image_rows`` (rows of anything flat with
-    ``offsets``, ``features`` and ``feature_dim``: a :class:`CandidateSet`, VL-NMS's detection set), over their
-    first ``limit`` rows when given."""
-    rows = np.concatenate([np.arange(cands.offsets[r], cands.offsets[r + 1]) for r in image_rows]) \
-        if len(image_rows) else np.zeros(0, np.int64)
+def feature_stats(cands: RaggedBoxes, image_rows: np.ndarray, limit: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-dimension mean and standard deviation (Tensor[D] each) of the features of groups ``image_rows`` of any
+    :class:`~refground.structures.RaggedBoxes` with a ``features`` field (a :class:`CandidateSet`, VL-NMS's
+    detection set), over their first ``limit`` rows (in the order of ``image_rows``) when given."""
+    rows = cands.group_rows(image_rows)[0]
     x = cands.features[rows[:limit]].astype(np.float64)
     if len(x) == 0:
         return torch.zeros(cands.feature_dim), torch.ones(cands.feature_dim)

@@ -230,7 +230,7 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
         for n, sc in enumerate(scored):
             r = int(queries.image_rows[n])
             order = np.argsort(-sc["scores"], kind="stable")
-            boxes = cands.boxes[cands.offsets[r]:cands.offsets[r + 1]][order]
+            boxes = cands.group(r)[order]
             if len(boxes) == 0:
                 continue  # no candidate: the query counts as a miss
             lines.append({"query_id": int(queries.query_ids[n]), "box": boxes[0].tolist(),
@@ -259,6 +259,6 @@ def explain_query(dataset: str, cache: Any, name: str, query_id: int, spec: Cand
     cands, table = candidates_for(ds, spec, table, f_path, g_path, spec.proposals_file(dataset, cache, q.split))
     item = score_queries(run.model, table, cands, extras=True)[0]
     r = int(table.image_rows[0])
-    return {"query": q, "tokens": q.tokens, "boxes": cands.boxes[cands.offsets[r]:cands.offsets[r + 1]],
+    return {"query": q, "tokens": q.tokens, "boxes": cands.group(r),
             "candidates": spec.tag, **item}
 

@@ -46,13 +46,15 @@ def train_tables(result: dict[str, Any]) -> list[Any]:
     from refground.tables import TableData
 
     m = result.get("metrics") or {}
+    rows = [[k, v] for k, v in m.items() if "recall@" in k]
     tables = [TableData(f"vlnms {result.get('name')!r}: val recall of the fused-score NMS, best epoch "
-                        f"{m.get('best_epoch')}", ["figure", "value"], [[k, v] for k, v in m.items() if "recall@" in k])]
+                        f"{m.get('best_epoch')}", ["figure", "value"], rows)]
     curve = (result.get("curve") or {}).get("epochs") or []
     if curve:
-        tables.append(TableData("training curve", ["epoch", "loss", "val recall@10", "val context_recall@10", "seconds"],
-                                [[r["epoch"], r["loss"], r.get("val_recall@10", "-"), r.get("val_context_recall@10", "-"),
-                                  r["seconds"]] for r in curve]))
+        cols = ["epoch", "loss", "val recall@10", "val context_recall@10", "seconds"]
+        tables.append(TableData("training curve", cols, [
+            [r["epoch"], r["loss"], r.get("val_recall@10", "-"), r.get("val_context_recall@10", "-"), r["seconds"]]
+            for r in curve]))
     return tables
 
 

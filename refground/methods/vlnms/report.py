@@ -44,13 +44,13 @@ def detector_recall(ds: Any, features_file: Path, split: str, ns: tuple[int, ...
     """Recall@N of the features artifact's own proposals (the same ranked list for every query of an image)."""
     from refground.cache import RaggedH5
     from refground.methods.vlnms.run import ranked_recall
+    from refground.structures import RaggedBoxes
 
     with RaggedH5(features_file) as f:
-        boxes = f.table("proposals", "boxes")
-        off = f.offsets["proposals"]
+        props = RaggedBoxes.read(f, "proposals")
     rows = ds.query_rows(split, "expression")
     image_rows = [ds.image_row(int(i)) for i in ds.query_image_ids[rows].tolist()]
-    ranked = [boxes[off[r]:off[r + 1]][: max(ns)] for r in image_rows]
+    ranked = [props.group(r)[: max(ns)] for r in image_rows]
     return ranked_recall(ds, ds.query_ids[rows], ranked, ns)
 
 

@@ -41,6 +41,7 @@ from refground.grounding.queries import QueryTable, encode_queries
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
+from refground.structures import RaggedBoxes, offsets_of
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
                              config_params, fit, load_run_folder, step_decay)
@@ -71,42 +72,42 @@ def proposals_path(dataset: str, cache: Any, tag: str, split: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ data
-@dataclass
-class DetectionSet:
-    """The pre-NMS detections of every image, flat with offsets (image row r owns ``offsets[r]:offsets[r+1]``).
+class DetectionSet(RaggedBoxes):
+    """The pre-NMS detections of every image: a :class:`~refground.structures.RaggedBoxes` (image row r owns
+    rows ``offsets[r]:offsets[r + 1]``).
 
-    boxes float32[P, 4] xyxy pixels; scores float32[P] detector confidence c; labels int64[P] class index;
-    features float16[P, D]; image_sizes int64[I, 2] (height, width); object_offsets int64[I + 1] (the
-    dataset's objects per image) and obj_iou float32 flat: image r's [K_r, M_r] IoU of its detections with
-    its ground-truth objects at ``iou_offsets[r]``.
+    Row fields: boxes float32[P, 4] xyxy pixels; scores float32[P] detector confidence c; labels int64[P] class
+    index; features float16[P, D]. Group fields: image_ids int64[I]; image_sizes int64[I, 2] (height, width).
+    Also the dataset's objects per image, object_offsets int64[I + 1] and object_boxes float32[O, 4] xyxy
+    pixels; obj_iou float32 flat: image r's [K_r, M_r] IoU of its detections with its ground-truth objects at
+    ``iou_offsets[r]`` (int64[I + 1]); threshold, the confidence floor the set was stored with.
     """
 
     image_ids: np.ndarray
-    offsets: np.ndarray
-    boxes: np.ndarray
+    image_sizes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
     features: np.ndarray
-    image_sizes: np.ndarray
     object_offsets: np.ndarray
     object_boxes: np.ndarray
     obj_iou: np.ndarray
     iou_offsets: np.ndarray
     threshold: float
 
-    @property
-    def feature_dim(self) -> int:
-        return int(self.features.shape[1])
-
-    def rows(self, image_row: int) -> slice:
-        return slice(int(self.offsets[image_row]), int(self.offsets[image_row + 1]))
+    def __init__(self, image_ids: np.ndarray, offsets: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
+                 labels: np.ndarray, features: np.ndarray, image_sizes: np.ndarray, object_offsets: np.ndarray,
+                 object_boxes: np.ndarray, obj_iou: np.ndarray, iou_offsets: np.ndarray, threshold: float) -> None:
+        super().__init__(offsets, boxes, {"scores": scores, "labels": labels, "features": features},
+                         {"image_ids": image_ids, "image_sizes": image_sizes})
+        self.object_offsets, self.object_boxes = object_offsets, object_boxes
+        self.obj_iou, self.iou_offsets, self.threshold = obj_iou, iou_offsets, threshold
 
 
 def _pair_index(a_off: np.ndarray, b_off: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All (a, b) row pairs within each group (a-major): a rows, b rows and the pair offsets per group."""
     ka, kb = np.diff(a_off), np.diff(b_off)
     n = ka * kb
-    p_off = np.concatenate([[0], np.cumsum(n)]).astype(np.int64)
+    p_off = offsets_of(n)
     group = np.repeat(np.arange(len(n)), n)
     local = np.arange(int(p_off[-1])) - p_off[group]
     kbg = np.maximum(kb[group], 1)
@@ -122,12 +123,10 @@ def load_detections(ds: Dataset, features_file: Path) -> DetectionSet:
                                 "`refground extract --detections --force`")
         if not np.array_equal(f.table("images", "ids"), ds.image_ids):
             raise ArtifactError(f"{features_file}: its images differ from the dataset's; run `refground extract --force`")
-        offsets = f.offsets["detections"].astype(np.int64)
-        boxes = f.table("detections", "boxes").astype(np.float32)
-        scores = f.table("detections", "scores").astype(np.float32)
-        labels = f.table("detections", "labels").astype(np.int64)
-        features = f.table("detections", "features")
+        raw = RaggedBoxes.read(f, "detections", ("scores", "labels", "features"))
         threshold = float(f.attr("detection_threshold", 0.0) or 0.0)
+    offsets, boxes = raw.offsets, raw.boxes.astype(np.float32)
+    scores, labels, features = raw.scores.astype(np.float32), raw.labels.astype(np.int64), raw.features
     obj_off = ds.image_object_offsets.astype(np.int64)
     obj_boxes = ds.object_boxes.astype(np.float32)
     a, b, iou_off = _pair_index(offsets, obj_off)
@@ -166,7 +165,7 @@ def encode_vlnms_queries(ds: Dataset, split: str, vocab: Vocabulary, pseudo: dic
         ctx = [] if pseudo is None else [ds.object_row(int(o)) - first for o in pseudo.get(qid, ())]
         fg.append(np.array(own + [c for c in ctx if c not in own], dtype=np.int64))
     counts = np.array([len(x) for x in fg], dtype=np.int64)
-    return VLNMSQueries(table, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+    return VLNMSQueries(table, offsets_of(counts),
                         np.concatenate(fg) if fg else np.zeros(0, np.int64))
 
 
@@ -203,11 +202,7 @@ def image_tensors(dets: DetectionSet, image_rows: np.ndarray
     """The detections of ``image_rows`` padded to the largest set: features Tensor[N, K, D], boxes
     float32[N, K, 4], spatial Tensor[N, K, 5] (:func:`refground.methods.vlnms.model.spatial_vector`), valid bool[N, K]
     and rows int64[N, K] of the detection set (0 at padding)."""
-    counts = dets.offsets[image_rows + 1] - dets.offsets[image_rows]
-    k = max(1, int(counts.max()) if len(counts) else 1)
-    slot = np.arange(k)
-    valid = slot[None, :] < counts[:, None]
-    rows = np.where(valid, dets.offsets[image_rows][:, None] + slot[None, :], 0)
+    rows, valid = dets.padded_rows(image_rows)
     feats = dets.features[rows].astype(np.float32) * valid[..., None]
     boxes = dets.boxes[rows] * valid[..., None]
     spatial = spatial_vector(torch.from_numpy(boxes), torch.from_numpy(dets.image_sizes[image_rows][:, None, :]))
@@ -270,24 +265,31 @@ def bucket_batches(items: np.ndarray, sizes: np.ndarray, batch_size: int, rng: n
 
 
 # ------------------------------------------------------------------------------------- applying
-@dataclass
-class QueryProposals:
-    """The query-aware proposals of a split, flat with ``offsets`` int64[Q + 1] (query n owns
-    ``offsets[n]:offsets[n + 1]``, best fused score first): det_rows int64[P] rows of the detection set;
-    boxes float32[P, 4] (refined by the regression head where the run has one); fused float32[P] = r x c;
-    relatedness float32[P]; query_ids int64[Q]; seconds of relatedness scoring and of NMS."""
+class QueryProposals(RaggedBoxes):
+    """The query-aware proposals of a split: a :class:`~refground.structures.RaggedBoxes` of one group per query
+    (query n owns rows ``offsets[n]:offsets[n + 1]``, best fused score first).
+
+    Row fields: boxes float32[P, 4] xyxy pixels (refined by the regression head where the run has one);
+    det_rows int64[P] rows of the detection set; fused float32[P] = r x c; relatedness float32[P]. Group field:
+    query_ids int64[Q]. Also score_seconds and nms_seconds, the time of relatedness scoring and of NMS.
+    """
 
     query_ids: np.ndarray
-    offsets: np.ndarray
     det_rows: np.ndarray
-    boxes: np.ndarray
     fused: np.ndarray
     relatedness: np.ndarray
     score_seconds: float
     nms_seconds: float
 
+    def __init__(self, query_ids: np.ndarray, offsets: np.ndarray, det_rows: np.ndarray, boxes: np.ndarray,
+                 fused: np.ndarray, relatedness: np.ndarray, score_seconds: float, nms_seconds: float) -> None:
+        super().__init__(offsets, boxes, {"det_rows": det_rows, "fused": fused, "relatedness": relatedness},
+                         {"query_ids": query_ids})
+        self.score_seconds, self.nms_seconds = score_seconds, nms_seconds
+
     def ranked_boxes(self, n: int) -> np.ndarray:
-        return self.boxes[self.offsets[n]:self.offsets[n + 1]]
+        """float32[K_n, 4]: the proposals of query row ``n``, best first."""
+        return self.group(n)
 
 
 def _check_floor(min_confidence: float) -> None:
@@ -311,7 +313,7 @@ def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: Dete
     if len(index) == 0:
         return [], []
     # Images in order of detection count, so a chunk's padding to its largest set stays small.
-    size = np.diff(dets.offsets)[t.image_rows[index]]
+    size = dets.counts()[t.image_rows[index]]
     order = index[np.lexsort((t.image_rows[index], size))]
     img = t.image_rows[order]
     new_image = np.r_[True, img[1:] != img[:-1]] if len(img) else np.zeros(0, bool)
@@ -373,7 +375,7 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
     if model is not None:
         rel, refined = relatedness_scores(model, queries, dets, index, description=description)
     else:
-        rel = [np.ones(int(dets.offsets[r + 1] - dets.offsets[r]), np.float32) for r in t.image_rows]
+        rel = [np.ones(int(k), np.float32) for k in dets.counts()[t.image_rows]]
         refined = [dets.boxes[dets.rows(int(r))] for r in t.image_rows]
     t1 = time.perf_counter()
     order = np.argsort(t.image_rows, kind="stable")
@@ -397,7 +399,7 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
             picks[q] = keep[j][keep[j] >= 0]
     t2 = time.perf_counter()
     counts = np.array([len(p) for p in picks], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    offsets = offsets_of(counts)
     local = np.concatenate(picks) if len(picks) else np.zeros(0, np.int64)
     q_of = np.repeat(np.arange(len(t)), counts)
     det_rows = dets.offsets[t.image_rows[q_of]] + local
@@ -490,7 +492,7 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
     model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows), STATS_ROWS))
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
 
-    set_sizes = np.diff(dets.offsets)[train_q.table.image_rows]
+    set_sizes = dets.counts()[train_q.table.image_rows]
 
     def batches(rng: np.random.Generator) -> list[np.ndarray]:
         return bucket_batches(usable, set_sizes[usable], config.batch_size, rng)
@@ -524,7 +526,7 @@ def write_proposals(path: Path, props: QueryProposals, dets: DetectionSet, attrs
     from refground.eval.predictions import write_predictions
 
     rows = props.det_rows
-    chunk = {"queries.ids": props.query_ids.astype(np.int64), "proposals.counts": np.diff(props.offsets),
+    chunk = {"queries.ids": props.query_ids.astype(np.int64), "proposals.counts": props.counts(),
              "proposals.boxes": props.boxes.astype(np.float32), "proposals.scores": props.fused.astype(np.float32),
              "proposals.relatedness": props.relatedness.astype(np.float32),
              "proposals.confidence": dets.scores[rows].astype(np.float32),
@@ -537,7 +539,7 @@ def write_proposals(path: Path, props: QueryProposals, dets: DetectionSet, attrs
         boxes = props.ranked_boxes(n)
         if len(boxes):
             lines.append({"query_id": int(qid), "boxes": boxes.tolist(),
-                          "scores": props.fused[props.offsets[n]:props.offsets[n + 1]].tolist()})
+                          "scores": props.group(n, "fused").tolist()})
     write_predictions(path.with_suffix(".jsonl"), lines)
 
 
