@@ -77,6 +77,15 @@ def group_queries(queries: "QueryTable", group_query_ids: np.ndarray) -> "QueryT
     return QueryTable(queries.query_ids, rows, queries.words, queries.targets, queries.kinds)
 
 
+def single_referent_rows(table: QueryTable, dataset: str) -> np.ndarray:
+    """int64 rows of ``table`` whose referent is one object of their image (what a comprehension loss trains on);
+    none at all is a one-line DataError naming ``dataset``."""
+    rows = np.flatnonzero(table.targets >= 0)
+    if len(rows) == 0:
+        raise DataError(f"dataset {dataset}: no train expression with a single referent object")
+    return rows
+
+
 def flip_word_map(vocab: Vocabulary, pairs: tuple[tuple[str, str], ...]) -> np.ndarray:
     """int64[V]: the id each word id becomes in the mirrored image (pairs swap both ways; a word already
     mapped by an earlier pair keeps that mapping)."""
@@ -95,4 +104,5 @@ def flip_word_map(vocab: Vocabulary, pairs: tuple[tuple[str, str], ...]) -> np.n
 
 
 
-__all__ = ["QueryTable", "encode_queries", "encode_query_rows", "flip_word_map", "group_queries"]
+__all__ = ["QueryTable", "encode_queries", "encode_query_rows", "flip_word_map", "group_queries",
+           "single_referent_rows"]

@@ -21,12 +21,13 @@ import torch
 from refground.cache import parent, require, write_manifest
 from refground.cache import fingerprint as make_fingerprint
 from refground.data.store import dataset_dir, load_dataset
-from refground.errors import DataError, UsageError
+from refground.errors import UsageError
 from refground.features.pipeline import features_path
 from refground.graph_artifact import graph_path
 from refground.grounding.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, CandidateSpec, Flips,
                                             candidates_for, feature_stats, load_candidates, make_batch)
-from refground.grounding.queries import QueryTable, encode_queries, encode_query_rows, flip_word_map
+from refground.grounding.queries import (QueryTable, encode_queries, encode_query_rows, flip_word_map,
+                                         single_referent_rows)
 from refground.methods.cmrin.model import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
 from refground.text.vocab import Vocabulary
@@ -128,9 +129,7 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     vocab = Vocabulary.of_split(ds, "train", config.min_word_count)
     train_q = encode_queries(ds, "train", vocab)
     val_q = encode_queries(ds, "val", vocab)
-    usable = np.flatnonzero(train_q.targets >= 0)
-    if len(usable) == 0:
-        raise DataError(f"dataset {dataset}: no train expression with a single referent object")
+    usable = single_referent_rows(train_q, dataset)
     config.vocab_size, config.visual_dim = len(vocab), cands.feature_dim
     state = spec.begin(config.to_dict(), vocab, resume, force)
 

@@ -33,11 +33,11 @@ from refground.cache import fingerprint as make_fingerprint
 from refground.cache.manifest import parent_fingerprints
 from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
-from refground.errors import ArtifactError, DataError, UsageError
+from refground.errors import ArtifactError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
 from refground.features.pipeline import features_path
 from refground.grounding.candidates import feature_stats, query_proposals_path
-from refground.grounding.queries import QueryTable, encode_queries
+from refground.grounding.queries import QueryTable, encode_queries, single_referent_rows
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
@@ -481,9 +481,7 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
     vocab = Vocabulary.of_split(ds, "train", MIN_WORD_COUNT)
     train_q = encode_vlnms_queries(ds, "train", vocab, pseudo_map, config.max_words)
     val_q = encode_vlnms_queries(ds, "val", vocab, None, config.max_words)
-    usable = np.flatnonzero(train_q.table.targets >= 0)
-    if len(usable) == 0:
-        raise DataError(f"dataset {dataset}: no train expression with a single referent object")
+    usable = single_referent_rows(train_q.table, dataset)
     config.vocab_size, config.visual_dim = len(vocab), dets.feature_dim
     state = spec.begin(config.to_dict(), vocab, resume, force)
 
