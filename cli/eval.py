@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from refground.cli.console import emit, info, table
-from refground.cli.methods import command, method_kwargs, option_param, union_options
+from refground.cli.methods import method_kwargs, with_method_options
 from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, RunOpt, SplitOpt
 from refground.data.model import check_split_name
 from refground.data.store import load_named
@@ -52,9 +51,7 @@ def resolve_predictions(predictions: Optional[Path], method: Optional[str] = Non
         if predictions is None:
             names = ", ".join(m.name for m in list_methods("predict"))
             raise UsageError(f"give the predictions file with --predictions FILE, or a run with --method ({names})")
-        given = [n for n, v in options.items() if v is not None]
-        if given:
-            raise UsageError(f"--{given[0].replace('_', '-')} applies only with --method")
+        method_kwargs(None, "predict_options", options)  # a method's option without --method is an error
         return predictions
     m = get_method(method, "predict")
     res = m.predict(dataset, cache, run, [(split, method_kwargs(m, "predict_options", options))], force=force)[0]
@@ -118,9 +115,4 @@ def eval_body(
 def eval_command() -> Any:
     """``refground eval`` with the predict options of every registered method (each given option must be one
     of the chosen method's)."""
-    from refground.methods import list_methods
-
-    opts = union_options(list_methods("predict"), "predict_options")
-    params = list(inspect.signature(eval_body, eval_str=True).parameters.values())[:-1]
-    params += [option_param(o, unset=True) for o in opts]
-    return command(params, eval_body, eval_body.__doc__)
+    return with_method_options(eval_body, "predict")

@@ -57,22 +57,32 @@ def union_options(methods: Sequence[Method], attr: str) -> list[Option]:
     return list(seen.values())
 
 
-def method_kwargs(method: Method, attr: str, given: dict[str, Any]) -> dict[str, Any]:
+def method_kwargs(method: Method | None, attr: str, given: dict[str, Any]) -> dict[str, Any]:
     """The options of ``given`` (None: not given) that ``method`` takes for ``attr``, checked against their
-    choices; one it does not take is a one-line UsageError."""
+    choices; one it does not take, or any given without a method (``method`` None), is a one-line UsageError."""
     from refground.errors import UsageError
 
-    own = {o.name: o for o in getattr(method, attr)}
+    own = {o.name: o for o in getattr(method, attr)} if method is not None else {}
     out = {}
     for name, value in given.items():
         if value is None:
             continue
+        flag = "--" + name.replace("_", "-")
+        if method is None:
+            raise UsageError(f"{flag} applies only with --method")
         if name not in own:
-            flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} does not apply to --method {method.name}")
         check_choice(own[name], value)
         out[name] = value
     return out
+
+
+def with_method_options(body: Callable[..., None], action: str) -> Callable[..., None]:
+    """A command of ``body``'s own options (all but its trailing ``**options``) plus the ``<action>_options`` of
+    every registered method that has ``action``, unset by default (``eval --method``, ``show --method``)."""
+    params = list(inspect.signature(body, eval_str=True).parameters.values())[:-1]
+    params += [option_param(o, unset=True) for o in union_options(list_methods(action), f"{action}_options")]
+    return command(params, body, body.__doc__ or "")
 
 
 def check_choice(opt: Option, value: Any) -> None:
@@ -115,8 +125,7 @@ def train_command(m: Method) -> Callable[..., None]:
 
         if variant is not None and variant not in m.variants:
             raise UsageError(f"--variant {variant!r}: expected one of: {', '.join(m.variants)}")
-        for opt in m.train_options:
-            check_choice(opt, options.get(opt.name))
+        options = method_kwargs(m, "train_options", options)
         if run is not None:
             check_run_name(run)
         overrides = check_training_fields(epochs=epochs, batch_size=batch_size, lr=lr)
@@ -141,9 +150,7 @@ def train_command(m: Method) -> Callable[..., None]:
 # ------------------------------------------------------------------------------------------------ report
 def report_command(m: Method) -> Callable[..., None]:
     def body(dataset: str, cache: Path | None, out: Path | None, as_json: bool, **options: Any) -> None:
-        for opt in m.report_options:
-            check_choice(opt, options.get(opt.name))
-        res = m.report(dataset, cache, out, **options)
+        res = m.report(dataset, cache, out, **method_kwargs(m, "report_options", options))
         emit(res["json"], as_json, render(res["tables"]), Path(res["markdown_path"]).with_suffix(".json"))
 
     params = [param("dataset", DatasetOpt, "synth"), param("cache", CacheOpt, None), param("out", OutOpt, None),
@@ -155,9 +162,7 @@ def report_command(m: Method) -> Callable[..., None]:
 # ------------------------------------------------------------------------------------------------ pseudo
 def pseudo_command(m: Method) -> Callable[..., None]:
     def body(dataset: str, cache: Path | None, seed: int, force: bool, as_json: bool, **options: Any) -> None:
-        for opt in m.pseudo_options:
-            check_choice(opt, options.get(opt.name))
-        res = m.pseudo(dataset, cache, seed=seed, force=force, **options)
+        res = m.pseudo(dataset, cache, seed=seed, force=force, **method_kwargs(m, "pseudo_options", options))
         if res.get("status") == "hit":
             info(f"{res['path']}: complete and current; skipping (use --force to rebuild)")
         if res.get("note"):

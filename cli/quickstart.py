@@ -45,8 +45,6 @@ def quickstart(
         raise UsageError(f"--cmrin-epochs {cmrin_epochs}: must be at least 1")
     if top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
-    if num_images < 10 or image_size < 32:
-        raise UsageError("--num-images must be at least 10 and --image-size at least 32")
     det = config_of(DetectorConfig.from_dict, read_config_file(detector_config, "detector config"),
                     str(detector_config)) if detector_config else None
     cm = None

@@ -7,14 +7,13 @@ method's own options are those of the registry.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from refground.cli.console import info
-from refground.cli.methods import command, method_kwargs, option_param, union_options
+from refground.cli.methods import method_kwargs, with_method_options
 from refground.cli.options import CacheOpt, DatasetOpt, OutOpt, RunOpt, SplitOpt
 from refground.data.store import cache_root, load_named
 from refground.errors import UsageError
@@ -41,10 +40,7 @@ def show_body(
     from refground.methods import get_method
 
     m = get_method(method, "show") if method is not None else None
-    given = [n for n, v in options.items() if v is not None]
-    if m is None and given:
-        raise UsageError(f"--{given[0].replace('_', '-')} applies only with --method")
-    kwargs = method_kwargs(m, "show_options", options) if m is not None else {}
+    kwargs = method_kwargs(m, "show_options", options)
     ds = load_named(dataset, cache)
     task = "expression" if method is not None else None
     if query is None:
@@ -86,9 +82,4 @@ def show_body(
 
 def show_command() -> Any:
     """``refground show`` with the show options of every registered method."""
-    from refground.methods import list_methods
-
-    opts = union_options(list_methods("show"), "show_options")
-    params = list(inspect.signature(show_body, eval_str=True).parameters.values())[:-1]
-    params += [option_param(o, unset=True) for o in opts]
-    return command(params, show_body, show_body.__doc__)
+    return with_method_options(show_body, "show")

@@ -9,7 +9,6 @@ import typer
 
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
-from refground.errors import UsageError
 
 
 def train_detector_command(
@@ -41,21 +40,11 @@ def train_detector_command(
     from refground.data.store import dataset_dir, load_dataset
     from refground.features.detector import DetectorConfig
     from refground.features.detector_train import train_detector
-    from refground.train import check_run_name
+    from refground.train import check_run_name, check_training_fields, config_of
 
-    overrides = {k: v for k, v in {"epochs": epochs, "input_size": input_size, "batch_size": batch_size,
-                                   "lr": lr}.items() if v is not None}
-    for key in ("epochs", "input_size", "batch_size"):
-        if key in overrides and overrides[key] < (32 if key == "input_size" else 1):
-            raise UsageError(f"--{key.replace('_', '-')} {overrides[key]}: must be at least "
-                             f"{32 if key == 'input_size' else 1}")
-    if "lr" in overrides and not overrides["lr"] > 0:
-        raise UsageError(f"--lr {lr}: must be positive")
+    overrides = check_training_fields(epochs=epochs, input_size=input_size, batch_size=batch_size, lr=lr)
     base = read_config_file(config_file, "detector config") if config_file is not None else {}
-    try:
-        config = DetectorConfig.from_dict({**base, **overrides})
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{config_file or 'detector config'}: {exc}") from None
+    config = config_of(DetectorConfig.from_dict, {**base, **overrides}, str(config_file or "detector config"))
     ds_dir = dataset_dir(dataset, cache)
     out_dir = ds_dir.parent / "runs" / "detector" / check_run_name(run)
     ds = load_dataset(ds_dir)

@@ -42,6 +42,11 @@ CONFIG_FILE = "config.json"
 STEP_LOG_EVERY = 20
 
 
+def run_names(text: str | None) -> tuple[str, ...] | None:
+    """The run names of a comma-separated ``--runs`` value (None when not given)."""
+    return tuple(r.strip() for r in text.split(",") if r.strip()) if text else None
+
+
 def check_run_name(name: str) -> str:
     """``name`` if it is a plain folder name for a run, else a one-line UsageError."""
     if not name or "/" in name or "\\" in name or name.startswith("."):
@@ -112,7 +117,8 @@ def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[st
     m = complete_run(path, method)
     cfg = read_json(path / CONFIG_FILE)
     if not isinstance(cfg, dict):
-        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; run `refground train {method} --run {path.name} --force`")
+        raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; "
+                            f"run `refground train {method} --run {path.name} --force`")
     config = config_from_dict(cfg)
     model = build(config)
     model.load_state_dict(load_weights(path / MODEL_FILE))
@@ -212,11 +218,13 @@ def config_params(config: dict[str, Any], derived: tuple[str, ...] = ("vocab_siz
 
 def check_training_fields(**fields: Any) -> dict[str, Any]:
     """The config fields given (None: not given), checked with the option's name in the error: ``epochs``,
-    ``batch_size`` and ``layers`` at least 1, ``lr`` positive, ``lr_decay_epochs`` at least 0."""
+    ``batch_size`` and ``layers`` at least 1, ``input_size`` (the detector's) at least 32, ``lr`` positive,
+    ``lr_decay_epochs`` at least 0."""
     given = {k: v for k, v in fields.items() if v is not None}
     for key, ok, rule in (("epochs", lambda v: v >= 1, "must be at least 1"),
                           ("batch_size", lambda v: v >= 1, "must be at least 1"),
                           ("layers", lambda v: v >= 1, "must be at least 1"),
+                          ("input_size", lambda v: v >= 32, "must be at least 32"),
                           ("lr", lambda v: v > 0, "must be positive"),
                           ("lr_decay_epochs", lambda v: v >= 0, "must be at least 0")):
         if key in given and not ok(given[key]):

@@ -44,6 +44,7 @@ from refground.boxes import (box_convert, box_iou, clip_boxes_to_image, elementw
                              remove_small_boxes)
 from refground.data.model import Dataset
 from refground.errors import DataError, UsageError
+from refground.eval.metrics import RECALL_NS
 from refground.features.base import read_image
 from refground.features.detector import (BuiltinDetector, DetectorConfig, DetectorModel, file_sha256,
                                          normalize_images)
@@ -52,7 +53,6 @@ from refground.train import METRICS_FILE, MODEL_FILE, RunSpec, fit, write_json
 
 STEP = "train-detector"
 STEP_VERSION = 2  # 2: the run folder of refground.train (model.pt; checkpoint.pt without the config)
-RECALL_NS = (1, 3, 5, 10, 20, 100)
 
 
 # -------------------------------------------------------------------------------------------- data

@@ -92,9 +92,9 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None) 
     from refground.data.store import dataset_dir
     from refground.methods.cmrin.report import KINDS, ablation_table
     from refground.tables import EVAL_SPLITS, TableData
+    from refground.train import run_names
 
-    names = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
-    res = ablation_table(dataset, cache, names)
+    res = ablation_table(dataset, cache, run_names(runs))
     path = out or dataset_dir(dataset, cache).parent / "report" / "cmrin_ablation.md"
     with atomic_file(path) as fh:
         fh.write(res["markdown"])

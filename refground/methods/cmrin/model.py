@@ -50,8 +50,8 @@ Choices where the paper is silent (each one a config field):
   86.2% val Precision@1 with train accuracy 6-7 points higher; mirroring and dropout 0.2 narrow that gap.
 * ``flip_augment`` (on by default) mirrors each training query left-right and/or top-bottom with
   probability 1/2 each: the candidates' centres, the relation labels and the direction words ("left" <->
-  "right", "above" <-> "below", ...) are mirrored, the region features kept (:class:`refground.grounding.candidates.Flips`). The paper
-  trains without it; it is a data augmentation for relational reasoning on a small training set.
+  "right", "above" <-> "below", ...) are mirrored, the region features kept
+  (:class:`refground.grounding.candidates.Flips`). The paper trains without it; it is a data augmentation for relational reasoning on a small training set.
 * ``word_type_bias`` (None: PyTorch's default initialisation) sets the initial bias of eq. 1's last layer
   (entity, relation, location, unnecessary).
   Trained CMRIN marks the words of the context phrases as unnecessary (entity and relation weight 0.00

@@ -64,14 +64,20 @@ def predict(dataset: str, cache: Any, run: str | None, jobs: list[tuple[str, dic
     file is the ranked boxes ``<split>.jsonl`` beside the proposal set, scored for proposal recall."""
     from refground.methods.vlnms.run import CONFIDENCE, run_vlnms
 
-    out = []
+    def options_of(opts: dict[str, Any]) -> tuple[int, float]:
+        return int(opts.get("top_n", 100)), float(opts.get("min_confidence", 0.0))
+
+    name = run or "fc-bce"
+    # One run_vlnms call per option set: it loads the dataset, the detections and the run once for all splits.
+    by_options: dict[tuple[int, float], list[str]] = {}
     for split, opts in jobs:
-        name = run or "fc-bce"
-        res = run_vlnms(dataset, cache, None if name == CONFIDENCE else name, (split,),
-                        top_n=int(opts.get("top_n", 100)), min_confidence=float(opts.get("min_confidence", 0.0)),
-                        force=force)[0]
-        out.append({**res, "path": str(Path(res["path"]).with_suffix(".jsonl"))})
-    return out
+        by_options.setdefault(options_of(opts), []).append(split)
+    done: dict[tuple[str, tuple[int, float]], dict[str, Any]] = {}
+    for (top_n, floor), splits in by_options.items():
+        for res in run_vlnms(dataset, cache, None if name == CONFIDENCE else name, tuple(dict.fromkeys(splits)),
+                             top_n=top_n, min_confidence=floor, force=force):
+            done[(res["split"], (top_n, floor))] = {**res, "path": str(Path(res["path"]).with_suffix(".jsonl"))}
+    return [done[(split, options_of(opts))] for split, opts in jobs]
 
 
 def show(dataset: str, cache: Any, run: str | None, query_id: int, out: Path, show_mask: bool = True,
@@ -103,11 +109,12 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None, 
     from refground.errors import UsageError
     from refground.methods.vlnms.report import recall_plot, vlnms_tables
     from refground.tables import EVAL_SPLITS, TableData, pct
+    from refground.train import run_names
 
     if timing_images < 1:
         raise UsageError(f"--timing-images {timing_images}: must be at least 1")
-    names = tuple(r.strip() for r in runs.split(",") if r.strip()) if runs else None
-    res = vlnms_tables(dataset, cache, names, cmrin_run, timing_images=timing_images, min_confidence=min_confidence)
+    res = vlnms_tables(dataset, cache, run_names(runs), cmrin_run, timing_images=timing_images,
+                       min_confidence=min_confidence)
     path = out or dataset_dir(dataset, cache).parent / "report" / "vlnms.md"
     pngs = [str(recall_plot(res, s, path.with_name(f"{path.stem}_recall_{s}.png"))) for s in EVAL_SPLITS]
     with atomic_file(path) as fh:
