@@ -45,22 +45,32 @@ def ls(cache: CacheOpt = None, as_json: JsonOpt = False) -> None:
 def verify(
     cache: CacheOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Delete leftovers of killed processes "
-                                        "(.NAME.tmp-*/.NAME.old-*); partial jobs stay (they resume).")] = False,
+                                        "(.NAME.tmp-*/.NAME.old-*) whose lock no live process holds (a running "
+                                        "job's working folder stays); an .old-* copy that is the only one left "
+                                        "is put back; partial jobs stay (they resume).")] = False,
+    deep: Annotated[bool, typer.Option("--deep", help="Re-hash every byte of every file (sha256) instead of "
+                                       "comparing sizes and a sampled hash (a few 64 KiB blocks per file).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check every artifact: manifest complete, inputs unchanged since it was made (else stale: re-run the
-    step), HDF5/zarr readable with arrays consistent with their offsets. Exits 2 if anything is wrong."""
-    from refground.cache.listing import verify as verify_cache
+    """Check every artifact and dataset: manifest complete; inputs unchanged since it was made (else stale:
+    re-run the step); files as they were written (sizes and hashes recorded in the manifest; else damaged);
+    HDF5/zarr readable with arrays consistent with their offsets. Exits 2 if anything is wrong."""
+    import time
+
+    from refground.cache.listing import remedy, verify as verify_cache
 
     root = cache_root(cache)
-    entries = verify_cache(root, sweep=sweep)
+    t0 = time.perf_counter()
+    entries = verify_cache(root, sweep=sweep, deep=deep)
+    seconds = time.perf_counter() - t0
     bad = [e for e in entries if e.status in ("stale", "damaged", "incomplete")
            or (e.status == "leftover" and not sweep)]
-    emit({"root": str(root), "ok": not bad, "entries": [e.as_dict() for e in entries]}, as_json,
-         [table(f"cache {root}", COLUMNS, _rows(entries))])
+    emit({"root": str(root), "ok": not bad, "deep": deep, "seconds": round(seconds, 3),
+          "entries": [e.as_dict() for e in entries]}, as_json,
+         [table(f"cache {root} (checked in {seconds:.2f} s{', deep' if deep else ''})", COLUMNS, _rows(entries))])
     if bad:
         e = bad[0]
         raise ArtifactError(f"{len(bad)} problem(s); first: {e.path}: {e.status}"
                             + (f" ({'; '.join(e.problems)})" if e.problems else "")
                             + ("; run `refground cache verify --sweep`" if e.status == "leftover" else
-                               "; re-run the step that made it"))
+                               f"; run `{remedy(e, root)}`"))

@@ -48,7 +48,12 @@ def _import(command: str, name: str, cache: Optional[Path], force: bool, as_json
               "expressions": int(len(ds.query_rows("all", "expression"))),
               "captions": int(len(ds.query_rows("all", "caption"))),
               "skipped_sentences": int(meta.get("skipped", 0)), "skipped_objects": int(meta.get("skipped_objects", 0)),
-              "skipped_images": int(meta.get("skipped_images", 0)), "clipped_boxes": int(meta.get("clipped", 0))}
+              "skipped_images": int(meta.get("skipped_images", 0)), "clipped_boxes": int(meta.get("clipped", 0)),
+              "missing_images": int(meta.get("missing_images", 0))}
+    if "latin1_lines" in meta:  # text formats (Flickr30K): how the files were decoded
+        result.update({"latin1_files": int(meta["latin1_files"]), "latin1_lines": int(meta["latin1_lines"]),
+                       "bom_files": int(meta.get("bom_files", 0))})
+    _warn_import(result, meta)
     if as_json:
         emit(result, True)
         return
@@ -58,6 +63,17 @@ def _import(command: str, name: str, cache: Optional[Path], force: bool, as_json
     out().print(f"{'up to date' if skipped else 'imported'} {name}: {ds.num_images} images, {ds.num_objects} objects, "
                 f"{ds.num_queries} queries" + (f" ({', '.join(dropped)} dropped/clipped)" if dropped else "")
                 + f" -> {directory}", markup=False, highlight=False)
+
+
+def _warn_import(result: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Status lines on stderr for what an import could read but the user should know about."""
+    if result["missing_images"]:
+        info(f"warning: {result['missing_images']} of {result['images']} image files named by the annotations are "
+             f"not under --images {meta.get('image_root')} (first: {meta.get('first_missing_image')}); check "
+             "--images, or later steps that read the images will fail")
+    if result.get("latin1_lines"):
+        info(f"warning: {result['latin1_lines']} line(s) in {result['latin1_files']} file(s) were not UTF-8 and "
+             "were read as latin-1")
 
 
 def _refer_command(command: str, root: Path, dataset: str, split_by: str, images: Path, name: Optional[str],
@@ -143,10 +159,18 @@ def import_flickr(
 FORMATS = ("refer", "flickr30k")
 
 
+ExportForceOpt = Annotated[bool, typer.Option(
+    "--force", help="Write into --out-dir even where it holds files no refground export wrote: the files export "
+    "writes (refer: <name>/instances.json, <name>/refs(<split-by>).p; flickr30k: Sentences/<id>.txt, "
+    "Annotations/<id>.xml, the split files, refground.json; both: the image files) replace those of the same "
+    "name, every other file is kept. Without it such an export stops before writing anything. A previous "
+    "export is replaced without --force.")]
+
+
 @data_app.command("export")
 def export(
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="Output folder (created; refer: <out>/<name>/ and "
-                                          "<out>/images/; flickr30k: Sentences/, Annotations/, split files, "
+    out_dir: Annotated[Path, typer.Option("--out-dir", "--out", help="Output folder (created; refer: <out>/<name>/ "
+                                          "and <out>/images/; flickr30k: Sentences/, Annotations/, split files, "
                                           "flickr30k_images/ and refground.json).", show_default=False)],
     dataset: DatasetOpt = "synth",
     fmt: Annotated[str, typer.Option("--format", help="refer (expressions) or flickr30k (captions).")] = "refer",
@@ -154,19 +178,21 @@ def export(
     name: Annotated[Optional[str], typer.Option("--corpus", help="refer only: the corpus folder under --out-dir "
                                                 "(default: the dataset name).", show_default=False)] = None,
     cache: CacheOpt = None,
+    force: ExportForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write a cached dataset in a real format, with image files hard-linked (or copied). What the format cannot
+    """Write a cached dataset in a real format, with copies of its image files. What the format cannot
     hold (attributes, kinds, mention roles, relations; masks for Flickr30K) rides along in extra keys / the
-    refground.json sidecar, so importing the export gives the same dataset back."""
+    refground.json sidecar, so importing the export gives the same dataset back. Files that no refground
+    export wrote are never overwritten without --force, and never deleted."""
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     ds = load_named(dataset, cache)
     if fmt == "refer":
-        summary = export_refer(ds, out_dir, name or dataset, split_by)
+        summary = export_refer(ds, out_dir, name or dataset, split_by, force=force)
         counts = f"{summary['refs']} refs, {summary['sentences']} sentences"
     else:
-        summary = export_flickr30k(ds, out_dir)
+        summary = export_flickr30k(ds, out_dir, force=force)
         counts = f"{summary['sentences']} sentences"
     summary["dataset"] = dataset
     if as_json:

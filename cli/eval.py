@@ -7,9 +7,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from refground.cli.console import emit, info, table
+from refground.cli.console import check_out_file, emit, info, table
 from refground.cli.methods import method_kwargs, with_method_options
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, RunOpt, SplitOpt
+from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, RunOpt, SplitOpt
 from refground.data.model import check_split_name
 from refground.data.store import load_named
 from refground.errors import UsageError
@@ -31,6 +31,17 @@ PointInOpt = Annotated[
 ]
 
 
+EvalOutOpt = Annotated[
+    Optional[Path],
+    typer.Option("--out", "-o", help="JSON file of the figures (default: beside the predictions file, "
+                 "<stem>.eval-<split>.json). Never the predictions file; an existing file only if it is an earlier "
+                 "figures file, or with --force.", show_default=False),
+]
+EvalForceOpt = Annotated[
+    bool,
+    typer.Option("--force", help="With --method: recompute the run's predictions even if they are current. "
+                 "With --out: overwrite an existing file that is not an earlier figures file."),
+]
 MethodOpt = Annotated[
     Optional[str],
     typer.Option("--method", "-m", help="Score a trained run of a registered method instead of a file. Its "
@@ -74,9 +85,9 @@ def eval_body(
     dataset: DatasetOpt = "synth",
     multi_box: MultiBoxOpt = "union",
     point_in: PointInOpt = "box",
-    out: OutOpt = None,
+    out: EvalOutOpt = None,
     cache: CacheOpt = None,
-    force: ForceOpt = False,
+    force: EvalForceOpt = False,
     as_json: JsonOpt = False,
     **options: Any,
 ) -> None:
@@ -99,7 +110,11 @@ def eval_body(
         raise UsageError(f"--multi-box must be one of: {', '.join(MULTI_BOX)} (got {multi_box!r})")
     if point_in not in POINT_IN:
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
+    if out is not None:  # before any scoring (or computing a run's predictions): a refusal costs nothing
+        check_out_file(out, inputs=[predictions], force=force)
     path = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
+    json_path = out or default_json_path(path, split)
+    check_out_file(json_path, inputs=[path], force=force)
     preds = read_predictions(path)
     ds = load_named(dataset, cache)
     result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)
@@ -109,7 +124,7 @@ def eval_body(
              f"({c['phrases']} phrases with boxes); {c['predictions_in_split']} of {c['predictions']} "
              "predictions in the split; missing predictions count as misses")
     tables = [table(t.title, t.columns, t.rows) for t in result.tables()]
-    emit(result.to_dict(), as_json, tables, out or default_json_path(path, split))
+    emit(result.to_dict(), as_json, tables, json_path, inputs=[path], force=force)
 
 
 def eval_command() -> Any:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -51,6 +51,16 @@ def extract(
     detection_threshold: Annotated[float, typer.Option("--detection-threshold", help="With --detections: the "
                                                        "confidence a pre-NMS box needs to be stored, in (0, 1) "
                                                        "(VL-NMS's delta).")] = 0.05,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that fill the chunks side by side, "
+                                                   "one thread each by default (default: min(2, CPUs); fewer when "
+                                                   "there are under 4 chunks each); the bytes do not depend on it.",
+                                                   show_default=False)] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Torch threads of the forward passes. 1 (the default) "
+                                         "gives bytes that do not depend on the machine's cores or "
+                                         "OMP_NUM_THREADS; more is faster on many cores, "
+                                         "but the bytes then depend on the count (it becomes part of the "
+                                         "artifacts' fingerprints). For speed with the same bytes, run --shard "
+                                         "K/N processes side by side instead.")] = 1,
     force: ForceOpt = False,
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
@@ -59,18 +69,21 @@ def extract(
     feature each and the same features for every ground-truth object (features/<name>.h5), dense maps
     (dense/<name>.zarr), and with --clip CLIP embeddings of images, crops, queries and category names.
     With --detections the features artifact also holds the detector's pre-NMS boxes (VL-NMS's set B).
-    Resumes after an interruption; skips artifacts that are complete and current (--force redoes them)."""
+    Resumes after an interruption; skips artifacts that are complete and current (--force redoes them; with
+    --shard K/N only the K-th block, so every shard of a forced job runs with --force, and the last one, or
+    `extract merge`, replaces the artifact)."""
     if ctx.invoked_subcommand is not None:
         return
     from refground.errors import UsageError
-    from refground.features.pipeline import extract_dataset
+    from refground.features.pipeline import default_workers, extract_dataset
 
     if not 0.0 < detection_threshold < 1.0:
         raise UsageError(f"--detection-threshold {detection_threshold}: must be in (0, 1), e.g. 0.05")
     res = extract_dataset(dataset, cache, detector=detector, backbone=backbone, clip=clip,
                           max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
                           batch_size=batch_size, chunk_size=chunk_size, shard=shard, force=force, seed=seed,
-                          detections=detection_threshold if detections else None)
+                          detections=detection_threshold if detections else None, threads=threads,
+                          workers=workers if workers is not None else default_workers())
     if res.get("cache_hit"):
         info("all artifacts complete and current: cache hit (use --force to recompute)")
     rows = [(kind, a["status"], a["path"]) for kind, a in res["artifacts"].items()]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
+from collections.abc import Iterator
 
 import click
 import typer
 
 from refground import __version__
 from refground.cli.apps import APP_SETTINGS, app
-from refground.cli.console import err, install_progress
+from refground.cli.console import err, install_progress, library_warnings
 from refground.errors import RefgroundError
 
 # Typer >= 0.29 vendors its own click; catch both its exceptions and plain click's (older Typer).
@@ -54,8 +58,40 @@ def build_app() -> typer.Typer:
     return root
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so it unwinds like Ctrl-C: staging folders and temporary files
+    are removed and the writer's locks released (a plain SIGTERM would kill the process where it stands)."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[list[bool]]:
+    """While the block runs, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is
+    put back after). Yields a one-item list that turns True once SIGTERM arrived."""
+    seen = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield seen
+        return
+
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked worker inherited the handler: die as SIGTERM means
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        seen[0] = True
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+    """Run the CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit code (130 after Ctrl-C, 143 after
+    SIGTERM: both unwind, so nothing half-written is left behind).
 
     ``--debug`` may stand anywhere on the command line (or set REFGROUND_DEBUG=1): errors then show the
     traceback. Without it, a user error is one line ``error: ...`` with exit code 2, an unexpected
@@ -65,18 +101,26 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args or os.environ.get("REFGROUND_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
     install_progress()
+    with _sigterm_unwinds() as terminated, library_warnings():
+        code = _run(args, debug)
+    if terminated[0]:
+        err.print("terminated")
+        return 143
+    if code == 130:
+        err.print("interrupted")
+    return code
+
+
+def _run(args: list[str], debug: bool) -> int:
     try:
         # Outside standalone mode Typer returns the code of an Exit (and maps Ctrl-C to Exit(130))
         # instead of raising it; our commands themselves return None.
         code = build_app()(args=args, prog_name="refground", standalone_mode=False)
         if isinstance(code, int) and not isinstance(code, bool) and code != 0:
-            if code == 130:
-                err.print("interrupted")
             return code
     except _EXIT as exc:
         return int(exc.exit_code)
     except _ABORT:
-        err.print("aborted")
         return 130
     except _USAGE as exc:
         exc.show()
@@ -87,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"error: {exc}", markup=False)
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted")
         return 130
     except Exception as exc:  # a bug: say so in one line unless debugging
         if debug:

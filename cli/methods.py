@@ -12,7 +12,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from refground.cli.console import emit, info, table
+from refground.cli.console import check_out_file, emit, info, table
 from refground.cli.options import (CacheOpt, ConfigOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, ResumeOpt, RunOpt,
                                    SeedOpt, read_config_file)
 from refground.methods import Method, Option, list_methods
@@ -142,14 +142,18 @@ def train_command(m: Method) -> Callable[..., None]:
 
     doc = (f"{m.summary}\n\nTrains on the train split, keeps the best epoch on val, and writes the run folder "
            f"<cache>/<dataset>/runs/{m.name}/<run>/ (config.json, checkpoint.pt, model.pt, curve.json, "
-           "metrics.json); a complete run with the same config, seed and inputs is a cache hit, an interrupted one "
-           f"resumes. Paper: {m.paper}.")
+           "metrics.json); a complete run with the same config, seed and inputs is a cache hit, a complete run with "
+           "others is refused (--force retrains it in place; or choose another --run), an interrupted one resumes "
+           "(bit-identical to an uninterrupted run). One process at a time trains a run folder. "
+           f"Paper: {m.paper}.")
     return command([*common, *(option_param(o) for o in m.train_options), *tail], body, doc)
 
 
 # ------------------------------------------------------------------------------------------------ report
 def report_command(m: Method) -> Callable[..., None]:
     def body(dataset: str, cache: Path | None, out: Path | None, as_json: bool, **options: Any) -> None:
+        if out is not None:  # markdown only, and never over a file of another kind (a model.pt, say)
+            check_out_file(out, ours=lambda p: p.suffix.lower() == ".md", suffixes=(".md",))
         res = m.report(dataset, cache, out, **method_kwargs(m, "report_options", options))
         emit(res["json"], as_json, render(res["tables"]), Path(res["markdown_path"]).with_suffix(".json"))
 

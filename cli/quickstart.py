@@ -29,6 +29,9 @@ def quickstart(
     cmrin_config: Annotated[Optional[Path], typer.Option("--cmrin-config", help="JSON file of CMRIN config fields "
                                                          "(default: the full model; --cmrin-epochs overrides its "
                                                          "epochs).", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo every step: regenerate, retrain the detector and "
+                                        "CMRIN in place (needed when this cache holds runs of other settings), "
+                                        "re-extract, re-evaluate.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Generate the default synthetic dataset, train the built-in detector, extract region features, build the
@@ -55,7 +58,7 @@ def quickstart(
     steps = iter(range(1, 8))
     result = run_quickstart(cache, seed=seed, cmrin_epochs=cmrin_epochs or QUICK_EPOCHS, top_n=top_n,
                             on_step=lambda name: info(f"[{next(steps)}/7] {name}"), images=num_images,
-                            image_size=image_size, detector_config=det, cmrin_config=cm)
+                            image_size=image_size, detector_config=det, cmrin_config=cm, force=force)
     kinds = [k for k in result["precision"].get("val", {})]
     rows = [(s, *[result["precision"][s].get(k, "-") for k in kinds]) for s in result["precision"]]
     drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),

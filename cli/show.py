@@ -12,12 +12,24 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from refground.cli.console import info
+from refground.cli.console import check_out_file, info, is_png
 from refground.cli.methods import method_kwargs, with_method_options
-from refground.cli.options import CacheOpt, DatasetOpt, OutOpt, RunOpt, SplitOpt
+from refground.cli.options import CacheOpt, DatasetOpt, RunOpt, SplitOpt
 from refground.data.store import cache_root, load_named
 from refground.errors import UsageError
 from refground.viz import render_query, save_png
+
+ShowOutOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="PNG file to write (must end in .png; an existing file only if it is a PNG, or with "
+    "--force). Default: <cache>/<dataset>/show/.", show_default=False)]
+ShowForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing --out file that is not a PNG.")]
+
+
+def _check_png_out(path: Path, predictions: Optional[Path], force: bool) -> Path:
+    """Where show may write: a .png path, never a folder or the predictions file, an existing file only if
+    it is a PNG (an earlier picture) or with --force."""
+    return check_out_file(path, inputs=[predictions], ours=is_png, force=force, suffixes=(".png",))
+
 
 def show_body(
     dataset: DatasetOpt = "synth",
@@ -31,14 +43,17 @@ def show_body(
                                                   "trained run (e.g. cmrin: Figure 4). --index then counts "
                                                   "expression queries only.", show_default=False)] = None,
     run: RunOpt = None,
-    out: OutOpt = None,
+    out: ShowOutOpt = None,
     cache: CacheOpt = None,
+    force: ShowForceOpt = False,
     **options: Any,
 ) -> None:
     """Write a PNG: image, query text, ground-truth box and mask, context objects, predictions; with
     --method NAME, the method's own maps from a trained run (cmrin: the paper's Figure 4)."""
     from refground.methods import get_method
 
+    if out is not None:  # before loading anything: a refused path costs nothing
+        _check_png_out(out, predictions, force)
     m = get_method(method, "show") if method is not None else None
     kwargs = method_kwargs(m, "show_options", options)
     ds = load_named(dataset, cache)
@@ -54,7 +69,8 @@ def show_body(
     if m is not None:
         if predictions is not None or proposals:
             raise UsageError("--predictions/--proposals cannot be combined with --method (the run scores the query)")
-        path = out or cache_root(cache) / dataset / "show" / f"{m.name}_{run or m.name}_query_{q.id}.png"
+        default = cache_root(cache) / dataset / "show" / f"{m.name}_{run or m.name}_query_{q.id}.png"
+        path = _check_png_out(out or default, predictions, force)
         res = m.show(dataset, cache, run, q.id, path, show_mask=not no_mask, **kwargs)
         info(f"wrote {res['path']} ({res['message']})")
         return
@@ -75,7 +91,7 @@ def show_body(
         if not pred_boxes and pred_mask is None:
             raise UsageError(f"{predictions}: no prediction for query {q.id}")
     image = render_query(ds, q, pred_boxes, pred_mask, prop, show_mask=not no_mask)
-    path = out or cache_root(cache) / dataset / "show" / f"query_{q.id}.png"
+    path = _check_png_out(out or cache_root(cache) / dataset / "show" / f"query_{q.id}.png", predictions, force)
     save_png(image, path)
     info(f"wrote {path}")
 

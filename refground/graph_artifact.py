@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from refground.cache import RaggedH5, fingerprint, is_current, parent, write_h5, write_manifest
+from refground.cache.lock import artifact_lock
 from refground.cache.manifest import parent_fingerprints
 from refground.data.store import dataset_dir, load_dataset
 from refground.graph import RELATION_NAMES, spatial_relations_many
@@ -61,27 +62,29 @@ def build_graphs(dataset: str, cache: Any = None, features: str = "detector-defa
     if not force and is_current(out, fp):
         result.update(status="hit", seconds=round(time.perf_counter() - t0, 3))
         return result
-    ds = load_dataset(ds_dir)
-    sizes = list(zip(ds.image_height.tolist(), ds.image_width.tolist()))
-    off = ds.image_object_offsets
-    gt = [ds.object_boxes[off[i]:off[i + 1]] for i in range(ds.num_images)]
-    labels, offsets = spatial_relations_many(gt, sizes)
-    chunk: dict[str, np.ndarray] = {"images.ids": ds.image_ids, "objects.counts": np.diff(offsets),
-                                    "objects.labels": labels}
-    if fpath is not None:
-        with RaggedH5(fpath) as f:
-            if not np.array_equal(f.table("images", "ids"), ds.image_ids):
-                from refground.errors import ArtifactError
+    # One writer: a second `refground graph` of this artifact while this one runs is refused, not raced.
+    with artifact_lock(out):
+        ds = load_dataset(ds_dir)
+        sizes = list(zip(ds.image_height.tolist(), ds.image_width.tolist()))
+        off = ds.image_object_offsets
+        gt = [ds.object_boxes[off[i]:off[i + 1]] for i in range(ds.num_images)]
+        labels, offsets = spatial_relations_many(gt, sizes)
+        chunk: dict[str, np.ndarray] = {"images.ids": ds.image_ids, "objects.counts": np.diff(offsets),
+                                        "objects.labels": labels}
+        if fpath is not None:
+            with RaggedH5(fpath) as f:
+                if not np.array_equal(f.table("images", "ids"), ds.image_ids):
+                    from refground.errors import ArtifactError
 
-                raise ArtifactError(f"{fpath}: its images differ from the dataset's; run `refground extract --force`")
-            props = RaggedBoxes.read(f, "proposals")
-        plabels, poffsets = spatial_relations_many([props.group(i) for i in range(ds.num_images)], sizes)
-        chunk.update({"proposals.counts": np.diff(poffsets), "proposals.labels": plabels})
-    attrs = {"format": GRAPH_FORMAT, "version": FORMAT_VERSION, "relation_names": list(RELATION_NAMES),
-             "features": features}
-    write_h5(out, [chunk], attrs)
-    write_manifest(out, step=GRAPH_STEP, params=params, parents=parents, fingerprint=fp, kind="graph",
-                   extra={"images": ds.num_images})
+                    raise ArtifactError(f"{fpath}: its images differ from the dataset's; run `refground extract --force`")
+                props = RaggedBoxes.read(f, "proposals")
+            plabels, poffsets = spatial_relations_many([props.group(i) for i in range(ds.num_images)], sizes)
+            chunk.update({"proposals.counts": np.diff(poffsets), "proposals.labels": plabels})
+        attrs = {"format": GRAPH_FORMAT, "version": FORMAT_VERSION, "relation_names": list(RELATION_NAMES),
+                 "features": features}
+        write_h5(out, [chunk], attrs)
+        write_manifest(out, step=GRAPH_STEP, params=params, parents=parents, fingerprint=fp, kind="graph",
+                       extra={"images": ds.num_images})
     result.update(status="written", seconds=round(time.perf_counter() - t0, 3),
                   relations_gt=int(len(labels)), relations_proposals=int(len(chunk.get("proposals.labels", []))))
     return result

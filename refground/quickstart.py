@@ -25,8 +25,10 @@ Step = Callable[[str], None]
 
 def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmrin_epochs: int | None = None,
                    top_n: int = 10, figures: int = 3, on_step: Step | None = None, images: int = 5000,
-                   image_size: int = 256, detector_config: Any = None, cmrin_config: Any = None) -> dict[str, Any]:
-    """Run every step (each skipped when its artifact is current) and write the report.
+                   image_size: int = 256, detector_config: Any = None, cmrin_config: Any = None,
+                   force: bool = False) -> dict[str, Any]:
+    """Run every step (each skipped when its artifact is current; ``force``: every step redone, the runs
+    retrained in place, which a run of other settings needs) and write the report.
 
     The defaults are the main job's: the default synthetic world (5,000 images of 256 px), the default
     detector and the full CMRIN (``cmrin_epochs`` overrides its epochs); tests pass small ones.
@@ -37,7 +39,7 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     from refground.data.synth import ensure_synthetic
     from refground.features.detector import DetectorConfig
     from refground.features.detector_train import train_detector
-    from refground.features.pipeline import extract_dataset
+    from refground.features.pipeline import default_workers, extract_dataset
     from refground.graph_artifact import build_graphs
     from refground.methods.cmrin.model import variant_config
     from refground.eval.evaluate import comprehension_of
@@ -56,26 +58,28 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
         return value
 
     ds_dir = dataset_dir(dataset, cache)
-    ds, _ = step("refground data synth", lambda: ensure_synthetic(ds_dir, dataset, images, seed, image_size),
+    ds, _ = step("refground data synth", lambda: ensure_synthetic(ds_dir, dataset, images, seed, image_size,
+                                                                       force=force),
                  lambda r: "written" if r[1] else "hit")
     det = step("refground train detector",
                lambda: train_detector(ds, ds_dir.parent / "runs" / "detector" / "default", detector_config or DetectorConfig(),
-                                      seed=seed, dataset_dir=ds_dir),
+                                      seed=seed, dataset_dir=ds_dir, force=force),
                lambda r: "hit" if r["cache_hit"] else "trained")
-    step("refground extract --no-dense", lambda: extract_dataset(dataset, cache, dense=False, seed=seed),
+    step("refground extract --no-dense", lambda: extract_dataset(dataset, cache, dense=False, seed=seed, force=force,
+                                                         workers=default_workers()),
          lambda r: "hit" if r.get("cache_hit") else "written")
-    step("refground graph", lambda: build_graphs(dataset, cache), lambda r: r["status"])
+    step("refground graph", lambda: build_graphs(dataset, cache, force=force), lambda r: r["status"])
     # A short schedule still ends with its last epoch at the lowered learning rate.
     overrides = {"epochs": cmrin_epochs, "lr_decay_epochs": max(cmrin_epochs - 1, 0)} if cmrin_epochs else {}
     config = cmrin_config or variant_config("cmrin", **overrides)
-    cm = step("refground train cmrin", lambda: train_cmrin(dataset, cache, "cmrin", config, seed=seed),
+    cm = step("refground train cmrin", lambda: train_cmrin(dataset, cache, "cmrin", config, seed=seed, force=force),
               lambda r: "hit" if r["cache_hit"] else "trained")
     precision: dict[str, dict[str, float]] = {}
     proposals: dict[str, dict[str, float]] = {}
 
     def evaluate_all() -> None:
         jobs = [(split, CandidateSpec(source, top_n)) for source in ("gt", "proposals") for split in EVAL_SPLITS]
-        for res in predict_cmrin_many(dataset, cache, "cmrin", jobs):
+        for res in predict_cmrin_many(dataset, cache, "cmrin", jobs, force=force):
             figs = comprehension_of(ds, res["path"], res["split"])
             table = precision if res["candidates"] == "gt" else proposals
             table[res["split"]] = {kind: f["precision@1"] for kind, f in figs.items()}

@@ -10,16 +10,25 @@ A run folder (``<cache>/<dataset>/runs/<method>/<name>/``) holds::
     curve.json        {"steps": [{"step", "epoch", "loss"}...], "epochs": [{"epoch", "loss", "seconds", **val}...]}
     metrics.json      the method's final figures
 
-Randomness is derived from (seed, epoch) for every epoch (batch order, negative draws), so a run resumed
-after its last finished epoch produces the same weights as an uninterrupted one. An interrupted epoch is
-redone from the start; ``checkpoint.pt`` is only ever replaced whole.
+Randomness is derived from (seed, epoch) for every epoch (batch order, negative draws), and every epoch
+checkpoint also holds the global random states a training step may draw from besides (torch's CPU and CUDA
+generators, which dropout uses; numpy's and Python's), restored before the first resumed epoch: so a run
+resumed after its last finished epoch produces the same weights, byte for byte, as an uninterrupted one. An
+interrupted epoch is redone from the start; ``checkpoint.pt`` is only ever replaced whole.
+
+A run folder is written by one process at a time (:meth:`RunSpec.lock`), and a complete run is never
+retrained with other settings or inputs unless asked (``force``): :meth:`RunSpec.start` refuses it with the
+difference, so a finished model is not lost to a mistyped option.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +38,8 @@ import torch
 
 from refground.atomic import atomic_file
 from refground.cache import fingerprint, is_current, write_manifest
-from refground.cache.manifest import Parent, parent_fingerprints
-from refground.errors import UsageError
+from refground.cache.manifest import Parent, parent_fingerprints, read_manifest_of
+from refground.errors import ArtifactError, UsageError
 from refground.progress import track
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -67,9 +76,32 @@ def write_json(path: Path, obj: Any) -> None:
         json.dump(obj, fh, indent=1, sort_keys=True)
 
 
-def load_weights(path: Path) -> dict[str, Any]:
-    """A checkpoint or weights file, loaded safely (tensors and plain containers only)."""
-    return torch.load(Path(path), map_location="cpu", weights_only=True)
+class NonFiniteLossError(ArtifactError):
+    """The training loss became NaN or Inf: damaged inputs, or a learning rate too high (exit 2)."""
+
+
+def retrain_command(run: Path) -> str:
+    """``refground train <method> --run <name> --force`` for the run folder ``run``
+    (``<cache>/<dataset>/runs/<method>/<name>``): the command that rewrites it from scratch."""
+    run = Path(run)
+    method = run.parent.name if run.parent.parent.name == "runs" else "<method>"
+    dataset = run.parent.parent.parent.name
+    where = f" --dataset {dataset}" if method != "<method>" and dataset not in ("", "synth") else ""
+    return f"refground train {method}{where} --run {run.name} --force"
+
+
+def load_weights(path: Path, remedy: str | None = None) -> dict[str, Any]:
+    """A checkpoint or weights file, loaded safely (tensors and plain containers only).
+
+    A missing, truncated or otherwise unreadable file is a one-line ArtifactError naming it and ``remedy``
+    (default: :func:`retrain_command` of the run folder it sits in)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling and zip errors come in many types (OSError, RuntimeError, ...)
+        what = "missing" if isinstance(exc, FileNotFoundError) else \
+            f"unreadable ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:120]})"
+        raise ArtifactError(f"{path}: {what}; run `{remedy or retrain_command(path.parent)}`") from None
 
 
 def step_decay(lr: float, decay_epochs: int) -> Callable[[int], float]:
@@ -119,9 +151,20 @@ def load_run_folder(path: Path, method: str, config_from_dict: Callable[[dict[st
     if not isinstance(cfg, dict):
         raise ArtifactError(f"{path / CONFIG_FILE}: unreadable; "
                             f"run `refground train {method} --run {path.name} --force`")
-    config = config_from_dict(cfg)
+    remedy = retrain_command(path)
+    try:
+        config = config_from_dict(cfg)
+    except (TypeError, ValueError, UsageError) as exc:
+        raise ArtifactError(f"{path / CONFIG_FILE}: not a {method} config of this version ({exc}); "
+                            f"run `{remedy}`") from None
     model = build(config)
-    model.load_state_dict(load_weights(path / MODEL_FILE))
+    weights = load_weights(path / MODEL_FILE, remedy)
+    try:
+        model.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as exc:  # another architecture's or a damaged state dict
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise ArtifactError(f"{path / MODEL_FILE}: its weights do not fit {path / CONFIG_FILE} ({first}); "
+                            f"run `{remedy}`") from None
     model.eval()
     vocab = Vocabulary.load(path / VOCAB_FILE) if (path / VOCAB_FILE).is_file() else None
     return LoadedRun(path, model, vocab, config, m.params, m.fingerprint)
@@ -133,9 +176,40 @@ def epoch_rng(seed: int, epoch: int) -> tuple[np.random.Generator, torch.Generat
             torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch)))
 
 
+_MISSING = object()
+
+
+def _flat_params(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested parameters as ``{"config.lr": 0.001, "seed": 0, ...}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def params_difference(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``["lr: 0.0005 -> 0.001", "seed: 0 -> 1", ...]``: the parameters that differ between two runs (model
+    config fields without their ``config.`` prefix; ``unset`` where one run has no such parameter)."""
+    a, b = _flat_params(old), _flat_params(new)
+
+    def show(v: Any) -> str:
+        return "unset" if v is _MISSING else json.dumps(v)
+
+    return [f"{k.removeprefix('config.')}: {show(a.get(k, _MISSING))} -> {show(b.get(k, _MISSING))}"
+            for k in sorted(set(a) | set(b)) if a.get(k, _MISSING) != b.get(k, _MISSING)]
+
+
 @dataclass
 class RunSpec:
-    """What identifies a run: its folder, step name, parameters and inputs (their fingerprints chain)."""
+    """What identifies a run: its folder, step name, parameters and inputs (their fingerprints chain).
+
+    A trainer holds :meth:`lock` from :meth:`start` to :meth:`finish`; :meth:`start` refuses to retrain a
+    complete run made with other settings (:meth:`check_overwrite`), :meth:`begin` opens the folder,
+    :func:`fit` trains, :meth:`finish` marks it complete.
+    """
 
     out_dir: Path
     step: str
@@ -148,6 +222,21 @@ class RunSpec:
         self.out_dir = Path(self.out_dir)
         self.fingerprint = fingerprint(self.step, self.params, parent_fingerprints(self.parents))
 
+    @property
+    def method(self) -> str:
+        """The method (or ``detector``) of the run: the last part of ``kind`` (``runs/cmrin`` -> ``cmrin``)."""
+        return self.kind.rsplit("/", 1)[-1] or "<method>"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run folder's writer lock (:func:`refground.cache.lock.artifact_lock`) for the block: a
+        second process training (or force-retraining) the same run is refused with a one-line ArtifactError
+        instead of interleaving its checkpoints with this one's. Released on any exit, an error included."""
+        from refground.cache.lock import artifact_lock
+
+        with artifact_lock(self.out_dir):
+            yield
+
     def is_complete(self) -> bool:
         """A complete run with this fingerprint, its weights and metrics present."""
         return (is_current(self.out_dir, self.fingerprint) and (self.out_dir / MODEL_FILE).is_file()
@@ -157,26 +246,76 @@ class RunSpec:
         write_manifest(self.out_dir, step=self.step, params=self.params, parents=self.parents,
                        fingerprint=self.fingerprint, complete=complete, kind=self.kind, extra=extra)
 
+    def check_overwrite(self, force: bool) -> None:
+        """Refuse (one-line ArtifactError, exit 2) to retrain, without ``force``, a *complete* run folder whose
+        fingerprint differs from this one: it holds a finished model of other settings or inputs, which
+        training here would replace. The message lists what differs (parameters ``old -> new``, or the inputs
+        that changed) and the ways out: ``--force`` (retrain in place) or another ``--run``.
+
+        A complete run with this very fingerprint is never refused (a damaged one is retrained or resumed in
+        place: same settings, nothing else to lose), nor is an interrupted one (it holds no finished model)."""
+        if force:
+            return
+        m = read_manifest_of(self.out_dir)
+        if m is None or not m.complete or m.fingerprint == self.fingerprint:
+            return
+        what = params_difference(m.params, self.params)
+        if m.step != self.step:
+            what.insert(0, f"step: {m.step} -> {self.step}")
+        now = parent_fingerprints(self.parents)
+        inputs = sorted(r for r in set(now) | set(m.parents)
+                        if r not in now or r not in m.parents or m.parents[r].fingerprint != now[r])
+        if len(what) > 4:
+            what = what[:4] + [f"and {len(what) - 4} more"]
+        if what:
+            kind = "of other settings"
+            if inputs:
+                what.append(f"inputs changed: {', '.join(inputs)}")
+        elif inputs:
+            kind, what = "of the same settings on other inputs", [f"{', '.join(inputs)} changed since"]
+        else:  # e.g. made by a library version whose fingerprints hash differently
+            kind, what = "with another fingerprint", [f"{m.fingerprint[:12]} -> {self.fingerprint[:12]}"]
+        raise ArtifactError(f"{self.out_dir}: holds a finished {self.method} run {kind} ({'; '.join(what)}), "
+                            "which training would overwrite; add --force to retrain it in place, or train into a "
+                            "new --run NAME")
+
     def resumable_state(self) -> dict[str, Any] | None:
-        """The last epoch checkpoint of an interrupted run with the same fingerprint, else None."""
+        """The last epoch checkpoint of an interrupted run with the same fingerprint, else None.
+
+        A resume keeps the weights of the best epoch so far (model.pt) and the curve so far (curve.json), so
+        both must be readable too: a damaged one makes the run start afresh rather than finish with it."""
         path = self.out_dir / CHECKPOINT_FILE
         if not path.is_file():
             return None
         try:
             state = load_weights(path)
-        except Exception:  # an unreadable checkpoint is simply not resumable
+        except ArtifactError:  # an unreadable checkpoint is simply not resumable
             return None
-        return state if state.get("fingerprint") == self.fingerprint else None
+        if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            return None
+        try:
+            done = int(state["epoch"])
+            if int(state.get("best_epoch", 0)) > 0:
+                load_weights(self.out_dir / MODEL_FILE)
+        except (ArtifactError, KeyError, TypeError, ValueError):
+            return None
+        curve = read_json(self.out_dir / CURVE_FILE)
+        rows = curve.get("epochs") if isinstance(curve, dict) else None
+        epochs = {r.get("epoch") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
+        return state if set(range(1, done + 1)) <= epochs else None
 
     def start(self, name: str, force: bool) -> dict[str, Any]:
         """The run's summary so far, ``{"run", "name", "fingerprint", "cache_hit"}``; for a complete run with this
         fingerprint (and not ``force``) ``cache_hit`` is True and its cached figures are merged in, so the
-        trainer returns it without training."""
+        trainer returns it without training. A complete run of other settings is refused
+        (:meth:`check_overwrite`). Call it holding :meth:`lock`."""
         result: dict[str, Any] = {"run": str(self.out_dir), "name": name, "fingerprint": self.fingerprint,
                                   "cache_hit": False}
         cached = None if force else self.cached_summary()
         if cached is not None:
             result.update(cached)
+        else:
+            self.check_overwrite(force)
         return result
 
     def cached_summary(self) -> dict[str, Any] | None:
@@ -187,9 +326,11 @@ class RunSpec:
         return {"cache_hit": True, "metrics": read_json(self.out_dir / METRICS_FILE) or {}, **extra}
 
     def begin(self, config: dict[str, Any], vocab: Any, resume: bool, force: bool) -> dict[str, Any] | None:
-        """Open the run folder for training: mark it incomplete, write config.json and, where the method has a
-        vocabulary (``vocab`` not None), vocab.json; returns the checkpoint to resume from (None for a fresh
-        start, or with ``force`` / without ``resume``)."""
+        """Open the run folder for training: refuse to overwrite a complete run of other settings without
+        ``force`` (:meth:`check_overwrite`), mark it incomplete, write config.json and, where the method has
+        a vocabulary (``vocab`` not None), vocab.json; returns the checkpoint to resume from (None for a fresh
+        start, or with ``force`` / without ``resume``). Call it holding :meth:`lock`."""
+        self.check_overwrite(force)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.resumable_state() if resume and not force else None
         self.mark(complete=False)
@@ -247,6 +388,42 @@ def best_epoch_figures(fr: "FitResult") -> dict[str, Any]:
     return {k[4:]: v for k, v in best.items() if k.startswith("val_")}
 
 
+def rng_state() -> dict[str, Any]:
+    """Every global random state a training step may draw from, in a form ``torch.load(weights_only=True)``
+    reads: ``torch`` (CPU generator, ByteTensor), ``cuda`` (one ByteTensor per device, only where CUDA is
+    available and in use), ``numpy`` (the legacy global MT19937: ``keys`` int64[624], ``pos``, ``has_gauss``,
+    ``cached_gaussian``) and ``python`` (``random``'s MT: ``version``, ``state`` int64[625], ``gauss_next``).
+
+    The epoch generators of :func:`epoch_rng` cover what a method draws on purpose; these cover what library
+    code draws behind its back (dropout, from torch's global generator)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    version, mt, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                   "gauss_next": None if gauss_next is None else float(gauss_next)}}
+    # Only once CUDA is in use: a CPU-only run on a GPU machine has drawn nothing there, and asking would
+    # start a CUDA context for nothing.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the global random states of :func:`rng_state` (CUDA ones on as many devices as both have)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        for device in range(min(len(state["cuda"]), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(state["cuda"][device], device)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["state"].tolist()), py["gauss_next"]))
+
+
 @dataclass
 class FitResult:
     epochs: int
@@ -276,7 +453,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
     with the highest ``figures[select]`` is kept as ``model.pt`` (without ``select``, the last epoch).
     ``lr_at(epoch)`` sets the learning rate of each epoch, ``lr_at_step(step)`` that of each step from the
     global step count (so a resumed run follows the same schedule; it is also logged in the step rows).
-    ``state`` is a :meth:`RunSpec.resumable_state` to continue from.
+    ``state`` is a :meth:`RunSpec.resumable_state` to continue from; its global random states
+    (:func:`rng_state`, saved with every epoch checkpoint) are restored before the first resumed epoch, so the
+    resumed run draws what the uninterrupted one drew. A NaN or infinite loss stops training with a one-line
+    :class:`NonFiniteLossError` naming the run, epoch and step (the run stays incomplete at its last
+    checkpoint).
     """
     if batch_rng not in ("numpy", "torch"):
         raise ValueError(f"batch_rng {batch_rng!r}: expected 'numpy' or 'torch'")
@@ -292,6 +473,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
         old = read_json(out / CURVE_FILE) or {}
         curve = {"steps": [r for r in old.get("steps", []) if r.get("epoch", 0) <= start],
                  "epochs": [r for r in old.get("epochs", []) if r.get("epoch", 0) <= start]}
+        if state.get("rng") is not None:  # checkpoints written before the random states were saved have none
+            set_rng_state(state["rng"])
     train_seconds, items = 0.0, 0
     for epoch in range(start, epochs):
         if lr_at is not None:
@@ -309,6 +492,12 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             loss, n, *parts = train_step(batch, gen)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{out}: the training loss is {value} at epoch {epoch + 1}, step {steps + 1} (non-finite "
+                    "inputs, or a learning rate too high); the run stays incomplete at its last checkpoint; check "
+                    f"its inputs or lower --lr, then run `{retrain_command(out)}`")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if clip_grad_norm is not None:
@@ -316,9 +505,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
             optimizer.step()
             steps += 1
             items += n
-            losses.append(float(loss.detach()))
-            for name, value in (parts[0] if parts else {}).items():
-                part_sums[name] = part_sums.get(name, 0.0) + float(value)
+            losses.append(value)
+            for name, part in (parts[0] if parts else {}).items():
+                part_sums[name] = part_sums.get(name, 0.0) + float(part)
             if steps % STEP_LOG_EVERY == 0:
                 curve["steps"].append({"step": steps, "epoch": epoch + 1,
                                        "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6),
@@ -338,15 +527,18 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
             best_epoch, best_score = epoch + 1, score
             with atomic_file(out / MODEL_FILE, "wb") as fh:
                 torch.save(model.state_dict(), fh)
+        # The curve first: a kill between the two writes leaves a curve one epoch ahead of the checkpoint
+        # (a resume drops the extra row), never a checkpoint ahead of its curve.
+        write_json(out / CURVE_FILE, curve)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                 "steps": steps, "best_epoch": best_epoch, "best_score": best_score, "seed": int(seed),
-                "fingerprint": spec.fingerprint}
+                "fingerprint": spec.fingerprint, "rng": rng_state()}
         with atomic_file(out / CHECKPOINT_FILE, "wb") as fh:
             torch.save(ckpt, fh)
-        write_json(out / CURVE_FILE, curve)
     return FitResult(epochs, start, best_epoch, best_score, steps, train_seconds,
                      items / train_seconds if train_seconds > 0 else float("nan"), curve)
 
 
-__all__ = ["CHECKPOINT_FILE", "check_run_name", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE", "RunSpec",
-           "epoch_rng", "fit", "load_weights", "read_json", "write_json"]
+__all__ = ["CHECKPOINT_FILE", "check_run_name", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE",
+           "NonFiniteLossError", "RunSpec", "epoch_rng", "fit", "load_weights", "params_difference", "read_json",
+           "retrain_command", "rng_state", "set_rng_state", "write_json"]

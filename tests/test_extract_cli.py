@@ -103,6 +103,12 @@ def test_extract_graph_hit_and_staleness(template, synth_ds, tmp_path, capsys):
     key = next(k for k in state if k.endswith("weight"))
     state[key] = state[key] * 1.5
     torch.save(state, weights)
+    # As a retrained detector would: its manifest records the new weights (a bare edit is "damaged" instead).
+    from refground.cache import read_manifest_of, write_manifest
+
+    m = read_manifest_of(weights.parent)
+    write_manifest(weights.parent, step=m.step, params=m.params, parents=m.parents, fingerprint=m.fingerprint,
+                   extra=m.extra, kind=m.kind)
     err = fail(capsys, "graph", "--cache", c)
     assert "stale (its detector changed since it was made); run `refground extract`" in err
     err = fail(capsys, "cache", "verify", "--cache", c)

@@ -51,24 +51,42 @@ def _split(key: str) -> tuple[str, str]:
     return section, field
 
 
-def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, attrs: dict[str, Any]) -> None:
+def _close(z: Any) -> None:
+    """Close a job's chunk archive (a plain dict has nothing to close)."""
+    close = getattr(z, "close", None)
+    if close is not None:
+        close()
+
+
+def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, attrs: dict[str, Any],
+             extra: Sequence[dict[str, np.ndarray]] = ()) -> None:
     """Assemble chunk arrays (in order) into one HDF5 file at ``path``, atomically.
 
     ``chunks``: a :class:`ChunkedJob` (all chunks must be committed) or a sequence of dicts of arrays named
-    as in the module docstring. Two passes: sizes first (only the small ``counts`` arrays are read), then
-    each chunk's arrays are copied into preallocated contiguous datasets.
+    as in the module docstring; ``extra``: dicts appended after them (arrays that belong to no chunk, e.g. a
+    CLIP artifact's category embeddings). Two passes: sizes first (only the small ``counts`` arrays are
+    read), then each chunk's arrays are copied into preallocated contiguous datasets. A job's chunk that
+    fails to read is deleted and raises a one-line :class:`ArtifactError` naming it (the next run of the
+    step computes it again); nothing is written at ``path`` then.
     """
     h5py = _h5py()
     path = Path(path)
     if isinstance(chunks, ChunkedJob):
         job = chunks
         job.require_all()
-        get = job.load
-        n_chunks = job.num_chunks
+        n_job = job.num_chunks
+        listed = list(extra)
     else:
-        listed = list(chunks)
-        get = listed.__getitem__
-        n_chunks = len(listed)
+        job = None
+        n_job = 0
+        listed = list(chunks) + list(extra)
+    n_chunks = n_job + len(listed)
+
+    def get(k: int) -> Any:
+        # One chunk at a time: a job's archives are opened lazily (an open file per chunk would run out of
+        # file handles on a large job).
+        return job.load(k) if k < n_job else listed[k - n_job]
+
     # Pass 1: row totals per section (ragged: from the small counts arrays; tables: from each chunk's
     # first array), dtype and trailing shape per field.
     counts: dict[str, list[np.ndarray]] = {}
@@ -94,6 +112,7 @@ def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, a
                 a = z[key]
             if new_field:
                 fields.setdefault(section, {})[fld] = (a.dtype, tuple(a.shape[1:]))
+        _close(z)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -125,6 +144,7 @@ def write_h5(path: Path, chunks: Iterable[dict[str, np.ndarray]] | ChunkedJob, a
                         if len(a):
                             f[f"{section}/{_split(key)[1]}"][pos[section]:pos[section] + len(a)] = a
                     pos[section] += len(first)
+                _close(z)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -3,14 +3,19 @@
 A cache root holds one folder per dataset; inside, ``dataset/`` and one folder per artifact kind::
 
     <root>/<dataset>/{dataset, features, dense, clip, graph, pseudo}/...   runs/<method>/<name>/
+    <root>/<dataset>/vlnms/<tag>/<split>.h5                                 (query-aware proposals)
 
 Besides complete artifacts it may hold ``.partial`` folders (interrupted or sharded extraction: resumable,
-never read by a later step) and hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` leftovers of a process killed
-while writing or swapping (never read; ``verify --sweep`` deletes them).
+never read by a later step), hidden ``.<name>.lock`` files (the writers' locks, :mod:`refground.cache.lock`)
+and hidden ``.<name>.tmp-*`` / ``.<name>.old-*`` leftovers of a process killed while writing or swapping
+(never read). ``verify --sweep`` deletes a leftover only when no live process holds the lock of its
+artifact (else it is the working folder of a running job: ``in use``), and puts an ``.old-*`` copy back
+when it is the only copy left (a kill between the two renames of :func:`refground.atomic.atomic_dir`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -20,17 +25,22 @@ from typing import Any
 import numpy as np
 
 from refground.cache.chunks import PARTIAL_SUFFIX, partial_progress
+from refground.cache.lock import LOCK_SUFFIX, is_locked
 from refground.cache.manifest import MANIFEST_SUFFIX, read_manifest_of, stale_parents
 from refground.errors import ArtifactError
 
 KINDS = ("features", "dense", "clip", "graph", "pseudo")
-_LEFTOVER = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<what>tmp|old)-[0-9a-f]{8}$")
+
+
+def _hidden_lock(p: Path) -> bool:
+    return p.name.startswith(".") and p.name.endswith(LOCK_SUFFIX)
 
 
 @dataclass
 class Entry:
-    """One thing found in the cache. ``status``: complete | incomplete | partial | leftover | stale |
-    damaged (the last two only after :func:`verify`)."""
+    """One thing found in the cache. ``status``: complete | incomplete | partial | leftover | in use |
+    stale | damaged (the last three only after :func:`verify`)."""
 
     dataset: str
     kind: str
@@ -60,11 +70,19 @@ def _artifacts(ds_root: Path) -> list[tuple[str, Path]]:
     for kind in KINDS:
         d = ds_root / kind
         if d.is_dir():
-            out += [(kind, p) for p in sorted(d.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)]
+            out += [(kind, p) for p in sorted(d.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)
+                    and not _hidden_lock(p)]
+    # Query-aware proposal sets (`refground vlnms`): vlnms/<tag>/<split>.h5, each with a sidecar manifest; the
+    # <split>.jsonl beside it is an export of the same boxes for `refground eval`, not an artifact.
+    qp = ds_root / "vlnms"
+    if qp.is_dir():
+        for tag in sorted(p for p in qp.iterdir() if p.is_dir()):
+            out += [(f"vlnms/{tag.name}", p) for p in sorted(tag.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)
+                    and not _hidden_lock(p) and p.suffix != ".jsonl"]
     runs = ds_root / "runs"
     if runs.is_dir():
         for method in sorted(p for p in runs.iterdir() if p.is_dir()):
-            out += [(f"runs/{method.name}", p) for p in sorted(method.iterdir())]
+            out += [(f"runs/{method.name}", p) for p in sorted(method.iterdir()) if not _hidden_lock(p)]
     return out
 
 
@@ -138,28 +156,98 @@ def _check_zarr(path: Path) -> list[str]:
         return [str(exc)]
 
 
-def verify(root: Path, sweep: bool = False) -> list[Entry]:
-    """:func:`list_cache` plus checks: parents still current (else ``stale``), files readable and their
-    arrays consistent with their offsets (else ``damaged``). With ``sweep``, leftovers are deleted."""
+def leftover_target(path: Path) -> Path:
+    """The artifact a ``.NAME.tmp-*`` / ``.NAME.old-*`` leftover belongs to (a manifest's temporary file
+    belongs to the artifact the manifest describes)."""
+    name = _LEFTOVER.match(path.name).group("name")
+    if name.endswith(MANIFEST_SUFFIX):
+        name = name[:-len(MANIFEST_SUFFIX)]
+    return path.with_name(name)
+
+
+def sweep_leftover(e: Entry) -> None:
+    """Delete one leftover unless a live process holds its artifact's lock (status ``in use``); an ``.old-*``
+    folder whose artifact is missing is the only copy left, so it is renamed back instead."""
+    target = leftover_target(e.path)
+    if is_locked(target):
+        e.status, e.detail = "in use", f"a running job holds {target.name}'s lock; kept"
+        return
+    if _LEFTOVER.match(e.path.name).group("what") == "old" and not target.exists():
+        os.replace(e.path, target)
+        e.detail = f"restored as {target.name} (the only copy)"
+        return
+    if e.path.is_dir():
+        shutil.rmtree(e.path, ignore_errors=True)
+    else:
+        e.path.unlink(missing_ok=True)
+    e.detail = "deleted"
+
+
+def _check_dataset(path: Path, deep: bool) -> list[str]:
+    from refground.data.store import dataset_problems, read_manifest
+
+    try:
+        return dataset_problems(path, read_manifest(path), everything=True, deep=deep)
+    except ArtifactError as exc:
+        return [str(exc)]
+
+
+def remedy(e: Entry, root: Path) -> str:
+    """The command that rewrites the artifact of entry ``e`` (a damaged or stale one) from its manifest."""
+    where = f"--dataset {e.dataset} --cache {root}"
+    if e.kind == "dataset":
+        from refground.data.store import dataset_remedy, read_manifest
+
+        try:
+            return dataset_remedy(e.path, read_manifest(e.path))
+        except ArtifactError:
+            return f"refground data synth {where} --force"
+    if e.kind.startswith("runs/"):
+        return f"refground train {e.kind[5:]} --run {e.name} {where} --force"
+    m = read_manifest_of(e.path)
+    step, params = (m.step, m.params) if m else ("", {})
+    stem = Path(e.name).stem
+    if step.startswith("extract.features"):
+        opts = " ".join(f"--{o} {params[k]}" for k, o in (("detector", "detector"), ("backbone", "backbone"),
+                                                           ("max_proposals", "max-proposals")) if k in params)
+        return f"refground extract {where} --features {stem} {opts} --force"
+    if e.kind in ("features", "dense", "clip"):
+        return f"refground extract {where} --force (with the options that made {e.name})"
+    if e.kind == "graph":
+        return f"refground graph {where} --features {stem} --force"
+    if e.kind.startswith("vlnms/"):
+        return f"refground vlnms --run {e.kind[6:]} --split {stem} {where} --force"
+    if e.kind == "pseudo":
+        return f"refground pseudo {stem.split('-')[0]} {where} --force"
+    return f"the step that made it ({step or 'unknown'}) with --force"
+
+
+def verify(root: Path, sweep: bool = False, deep: bool = False) -> list[Entry]:
+    """:func:`list_cache` plus checks: parents still current (else ``stale``); files as they were made (sizes
+    and sampled hashes, ``deep``: sha256 of every byte), readable and their arrays consistent with their
+    offsets (else ``damaged``). With ``sweep``, leftovers whose lock is free are deleted (see
+    :func:`sweep_leftover`)."""
     entries = list_cache(root)
     for e in entries:
         if e.status == "leftover" and sweep:
-            if e.path.is_dir():
-                shutil.rmtree(e.path, ignore_errors=True)
-            else:
-                e.path.unlink(missing_ok=True)
-            e.detail = "deleted"
-        if e.status != "complete" or e.kind == "dataset":
+            sweep_leftover(e)
+        if e.status != "complete":
             continue
-        m = read_manifest_of(e.path)
-        stale = stale_parents(m) if m else []
-        if stale:
-            e.status = "stale"
-            e.problems.append(f"changed since made: {', '.join(stale)}")
-        if e.path.suffix == ".h5":
-            e.problems += _check_h5(e.path)
-        elif e.path.suffix == ".zarr":
-            e.problems += _check_zarr(e.path)
+        if e.kind == "dataset":
+            e.problems += _check_dataset(e.path, deep)
+        else:
+            m = read_manifest_of(e.path)
+            stale = stale_parents(m) if m else []
+            if stale:
+                e.status = "stale"
+                e.problems.append(f"changed since made: {', '.join(stale)}")
+            if m is not None:
+                e.problems += m.content_problems(deep)
+            if not e.problems:
+                if e.path.suffix == ".h5":
+                    e.problems += _check_h5(e.path)
+                elif e.path.suffix == ".zarr":
+                    e.problems += _check_zarr(e.path)
         if e.problems and e.status == "complete":
             e.status = "damaged"
     return entries

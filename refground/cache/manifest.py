@@ -19,6 +19,15 @@ went stale since it was made:
 - ``artifact``: another artifact (the fingerprint in its manifest);
 - ``file``: an input outside the cache (a checkpoint, a model folder, a detections file): sha256 of its
   bytes (a folder: of its files' names and bytes).
+
+A parent inside the same cache root is recorded by its path relative to the manifest's folder, so a cache
+can be copied or moved as a whole (an input outside the cache keeps its absolute path).
+
+A complete manifest also records the *content* of every file the artifact covers (``files``: relative
+name -> size, sampled hash, sha256; computed once when the manifest is written). :func:`is_current` and
+:func:`require` compare sizes and sampled hashes (cheap: a few 64 KiB blocks per file), so an edited,
+truncated or deleted file is neither a cache hit nor read by a later step; ``refground cache verify
+--deep`` re-hashes every byte.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -82,6 +92,84 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+SAMPLE_BLOCK = 1 << 16
+SAMPLE_BLOCKS = 8
+
+
+def sample_digest(path: str | Path, size: int | None = None) -> str:
+    """blake2b hex of a file's size and ``SAMPLE_BLOCKS`` blocks of ``SAMPLE_BLOCK`` bytes at evenly spaced
+    offsets (first and last included): all of a file up to 512 KiB, a cheap probe of a larger one (which
+    ``verify --deep`` re-hashes whole). Raises OSError when the file cannot be read."""
+    path = Path(path)
+    size = path.stat().st_size if size is None else size
+    h = hashlib.blake2b(str(size).encode(), digest_size=16)
+    with open(path, "rb") as fh:
+        if size <= SAMPLE_BLOCK * SAMPLE_BLOCKS:
+            h.update(fh.read())
+        else:
+            last = size - SAMPLE_BLOCK
+            for i in range(SAMPLE_BLOCKS):
+                fh.seek(last * i // (SAMPLE_BLOCKS - 1))
+                h.update(fh.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def covered_files(artifact: str | Path) -> dict[str, Path]:
+    """The files an artifact covers, by name relative to its manifest's folder: a file artifact itself; every
+    file under a folder artifact except hidden ones (locks, staging leftovers), manifests, and what later
+    steps put beside a run's own files: artifacts with their own sidecar manifest, anything under
+    ``predictions/``, evaluation JSONs (``*.eval-*.json``) and pictures (``*.png``)."""
+    artifact = Path(artifact)
+    if artifact.is_file():
+        return {artifact.name: artifact}
+    if not artifact.is_dir():
+        return {}
+    base = manifest_path(artifact).parent
+    out = {}
+    for p in sorted(q for q in artifact.rglob("*") if q.is_file()):
+        rel = p.relative_to(artifact)
+        if any(part.startswith(".") for part in rel.parts) or p.name == "manifest.json" \
+                or p.name.endswith(MANIFEST_SUFFIX) or manifest_path(p).exists() or "predictions" in rel.parts[:-1] \
+                or ".eval-" in p.name or p.suffix == ".png":
+            continue
+        out[p.relative_to(base).as_posix()] = p
+    return out
+
+
+def content_record(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """``{name: {"size", "sample", "sha256"}}`` of ``files`` (see :func:`sample_digest`)."""
+    out = {}
+    for name, p in files.items():
+        size = p.stat().st_size
+        out[name] = {"size": size, "sample": sample_digest(p, size), "sha256": file_digest(p)}
+    return out
+
+
+def content_problems(base: str | Path, record: dict[str, dict[str, Any]], deep: bool = False) -> list[str]:
+    """What no longer matches ``record`` (from :func:`content_record`) under ``base``: one entry per file,
+    ``"<path>: missing" | "<path>: N bytes, M when made" | "<path>: content changed"``. ``deep`` compares
+    the sha256 of every byte instead of the sampled hash."""
+    base = Path(base)
+    problems = []
+    for name, rec in record.items():
+        p = base / name
+        try:
+            size = p.stat().st_size
+        except OSError:
+            problems.append(f"{p}: missing")
+            continue
+        if size != rec.get("size"):
+            problems.append(f"{p}: {size} bytes, {rec.get('size')} when made")
+            continue
+        try:
+            same = file_digest(p) == rec.get("sha256") if deep else sample_digest(p, size) == rec.get("sample")
+        except (OSError, ArtifactError):
+            same = False
+        if not same:
+            problems.append(f"{p}: content changed since it was made")
+    return problems
+
+
 def dataset_fingerprint(ds_dir: str | Path) -> str:
     """Fingerprint of a dataset folder: its producing command, parameters and counts (the annotations
     are a deterministic function of them). Raises :class:`ArtifactError` for a missing/incomplete one."""
@@ -125,18 +213,32 @@ class Manifest:
     library_version: str = __version__
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The folder the manifest was read from: relative parent paths and ``files`` names resolve against it.
+    # (read_manifest_of resolves relative parent paths against it, so ``parents`` hold usable paths).
+    base: str = field(default="", compare=False)
 
     def to_json(self) -> str:
         d = asdict(self)
+        d.pop("base")
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+    def from_dict(cls, d: dict[str, Any], base: str | Path = "") -> Manifest:
         parents = {k: Parent(**v) for k, v in (d.get("parents") or {}).items()}
+        if base:  # relative parent paths (see portable_parents) resolve against the manifest's folder
+            for p in parents.values():
+                if not Path(p.path).is_absolute():
+                    p.path = os.path.normpath(Path(base) / p.path)
         return cls(kind=d["kind"], step=d["step"], params=d.get("params") or {}, parents=parents,
                    fingerprint=d["fingerprint"], complete=bool(d.get("complete")),
                    library_version=d.get("library_version", ""), created=d.get("created", ""),
-                   extra=d.get("extra") or {})
+                   extra=d.get("extra") or {}, files=d.get("files") or {}, base=str(base))
+
+
+    def content_problems(self, deep: bool = False) -> list[str]:
+        """Files of the artifact that are missing or differ from what was recorded when it was made."""
+        return content_problems(self.base, self.files, deep) if self.base else []
 
 
 def parent(kind: str, path: str | Path) -> Parent:
@@ -159,16 +261,44 @@ def parent_fingerprints(parents: dict[str, Parent]) -> dict[str, str]:
     return {role: p.fingerprint for role, p in parents.items()}
 
 
+def cache_root_of(path: str | Path) -> Path | None:
+    """The cache root above ``path``: the parent of the nearest ancestor folder ``<root>/<dataset>`` that holds
+    a ``dataset/`` folder; None when ``path`` is not inside a cache."""
+    path = Path(os.path.abspath(path))
+    for a in path.parents:
+        if (a / "dataset").is_dir() and a.parent != a:
+            return a.parent
+    return None
+
+
+def portable_parents(artifact: str | Path, parents: dict[str, Parent]) -> dict[str, Parent]:
+    """``parents`` with the path of each one inside ``artifact``'s cache root made relative to the
+    manifest's folder (so the cache can be moved or copied); others stay as given."""
+    root = cache_root_of(artifact)
+    if root is None:
+        return dict(parents)
+    base = Path(os.path.abspath(manifest_path(artifact).parent))
+    out = {}
+    for role, p in parents.items():
+        full = Path(os.path.abspath(p.path))
+        inside = root == full or root in full.parents
+        out[role] = Parent(p.kind, os.path.relpath(full, base) if inside else p.path, p.fingerprint)
+    return out
+
+
 def write_manifest(artifact: str | Path, *, step: str, params: dict[str, Any], parents: dict[str, Parent],
                    fingerprint: str, complete: bool = True, extra: dict[str, Any] | None = None,
                    kind: str = "") -> Manifest:
     """Write the manifest of ``artifact`` atomically (write the artifact first: the manifest with
-    ``complete`` true is what makes it count). ``kind`` defaults to the folder the artifact sits in
-    (features, dense, clip, graph, runs...). Returns the manifest."""
+    ``complete`` true is what makes it count, and records the content of every file the artifact covers).
+    ``kind`` defaults to the folder the artifact sits in (features, dense, clip, graph, runs...). Parents
+    inside the cache are recorded relative to the manifest's folder. Returns the manifest."""
     kind = kind or Path(artifact).parent.name
-    m = Manifest(kind=kind, step=step, params=params, parents=parents, fingerprint=fingerprint,
-                 complete=complete, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 extra=extra or {})
+    files = content_record(covered_files(artifact)) if complete else {}
+    m = Manifest(kind=kind, step=step, params=params, parents=portable_parents(artifact, parents),
+                 fingerprint=fingerprint, complete=complete,
+                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), extra=extra or {}, files=files,
+                 base=str(manifest_path(artifact).parent))
     with atomic_file(manifest_path(artifact)) as fh:
         fh.write(m.to_json())
     return m
@@ -178,15 +308,17 @@ def read_manifest_of(artifact: str | Path) -> Manifest | None:
     """The manifest of ``artifact``, or None when there is none or it is unreadable."""
     p = manifest_path(artifact)
     try:
-        return Manifest.from_dict(json.loads(p.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return Manifest.from_dict(json.loads(p.read_text()), base=p.parent)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
 def is_current(artifact: str | Path, expected: str) -> bool:
-    """Whether ``artifact`` exists, is complete and has fingerprint ``expected`` (so a step can skip)."""
+    """Whether ``artifact`` exists, is complete, has fingerprint ``expected`` and its files are as they were
+    made (sizes and sampled hashes), so a step can skip it."""
     m = read_manifest_of(artifact)
-    return m is not None and m.complete and m.fingerprint == expected and Path(artifact).exists()
+    return (m is not None and m.complete and m.fingerprint == expected and Path(artifact).exists()
+            and not m.content_problems())
 
 
 def current_extra(artifact: str | Path, expected: str, force: bool = False) -> dict[str, Any] | None:
@@ -224,6 +356,10 @@ def require(artifact: str | Path, remedy: str = "", check_parents: bool = False)
         raise ArtifactError(f"{artifact}: {state}{hint}")
     if not m.complete:
         raise ArtifactError(f"{artifact}: incomplete{hint}")
+    damaged = m.content_problems()
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise ArtifactError(f"{damaged[0]}{more}{hint}" + ("" if remedy else f" (`{m.step}`)"))
     if check_parents:
         stale = stale_parents(m)
         if stale:

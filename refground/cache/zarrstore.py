@@ -24,7 +24,9 @@ from refground.errors import ArtifactError
 
 
 def write_zarr(path: Path, job: ChunkedJob, attrs: dict[str, Any], images_per_chunk: int = 16) -> None:
-    """Assemble the chunks of ``job`` into a zarr group at ``path`` (atomically)."""
+    """Assemble the chunks of ``job`` into a zarr group at ``path`` (atomically). A chunk that fails to read
+    (or lacks ``images.ids``) is deleted and raises a one-line :class:`ArtifactError` naming it
+    (:meth:`ChunkedJob.load`); ``path`` is then left as it was."""
     import zarr
 
     job.require_all()

@@ -28,6 +28,7 @@ import numpy as np
 
 from refground import __version__
 from refground.atomic import atomic_dir
+from refground.cache.manifest import content_problems, content_record
 from refground.data.model import Dataset
 from refground.errors import ArtifactError, DataError
 
@@ -36,8 +37,15 @@ FORMAT_VERSION = 1
 
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
-    """The artifact root: ``cache`` if given, else ``$REFGROUND_CACHE``, else ``./cache``."""
-    return Path(cache or os.environ.get("REFGROUND_CACHE") or "cache")
+    """The artifact root: ``cache`` if given, else ``$REFGROUND_CACHE``, else ``./cache``. A path that names an
+    existing file (not a folder) is a one-line UsageError."""
+    root = Path(cache or os.environ.get("REFGROUND_CACHE") or "cache")
+    if root.exists() and not root.is_dir():
+        from refground.errors import UsageError
+
+        src = "--cache" if cache else ("$REFGROUND_CACHE" if os.environ.get("REFGROUND_CACHE") else "the cache root")
+        raise UsageError(f"{root}: {src} names a file, not a folder; pass --cache with a folder")
+    return root
 
 
 def dataset_dir(name: str, cache: str | os.PathLike | None = None) -> Path:
@@ -77,6 +85,10 @@ def finish_dataset(ds: Dataset, stage: Path, command: str = "", params: dict[str
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "counts": {"images": ds.num_images, "objects": ds.num_objects, "queries": ds.num_queries},
         "complete": True,
+        # Sizes and hashes of the annotation files and images, so an edit, truncation or deletion after the
+        # fact is caught (annotations on every load, images by `refground cache verify`).
+        "files": content_record({p.relative_to(stage).as_posix(): p for sub in ("annotations", "images")
+                                 for p in sorted((stage / sub).rglob("*")) if p.is_file()}),
     }
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
@@ -104,21 +116,52 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def is_complete_with(directory: Path, params: dict[str, Any]) -> bool:
-    """Whether ``directory`` holds a complete dataset made with exactly ``params`` (so a step can skip).
+def dataset_remedy(directory: Path, manifest: dict[str, Any]) -> str:
+    """The command that rewrites the dataset folder ``directory`` (from its manifest's command and params)."""
+    name = Path(directory).parent.name
+    command = manifest.get("command") or "refground data synth"
+    if not command.startswith("refground"):
+        command = f"refground {command}"
+    p = manifest.get("params") or {}
+    if command.endswith("data synth"):
+        flags = " ".join(f"--{opt} {p[key]}" for key, opt in (("num_images", "num-images"), ("image_size", "image-size"),
+                                                                ("seed", "seed")) if key in p)
+        cache = Path(directory).parent.parent
+        return f"{command} --dataset {name} {flags} --cache {cache} --force"
+    return f"{command} --dataset {name} --cache {Path(directory).parent.parent} --force (with the same inputs)"
 
-    A missing, incomplete or unreadable manifest is simply "no": the step then redoes the work.
+
+def dataset_problems(directory: Path, manifest: dict[str, Any], everything: bool = False,
+                     deep: bool = False) -> list[str]:
+    """Files of a dataset folder that differ from what its manifest recorded when it was written: the
+    annotation files (small: re-hashed whole), and with ``everything`` also the images (``deep``: sha256 of
+    every byte, see :func:`refground.cache.manifest.content_problems`). Empty for a folder written before
+    the manifest recorded files."""
+    record = manifest.get("files") or {}
+    if not everything:
+        record = {k: v for k, v in record.items() if k.startswith("annotations/")}
+    return content_problems(directory, record, deep)
+
+
+def is_complete_with(directory: Path, params: dict[str, Any]) -> bool:
+    """Whether ``directory`` holds a complete, undamaged dataset made with exactly ``params`` (so a step can
+    skip). A missing, incomplete, unreadable or damaged one is simply "no": the step then redoes the work.
     """
     try:
-        return read_manifest(directory).get("params") == params
+        m = read_manifest(directory)
     except ArtifactError:
         return False
+    return m.get("params") == params and not dataset_problems(directory, m)
 
 
 def load_dataset(directory: Path) -> Dataset:
     """Load a dataset folder written by :func:`save_dataset`."""
     directory = Path(directory)
-    read_manifest(directory)
+    manifest = read_manifest(directory)
+    damaged = dataset_problems(directory, manifest)
+    if damaged:
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        raise DataError(f"{damaged[0]}{more}; run `{dataset_remedy(directory, manifest)}`")
     ann = directory / "annotations"
     try:
         meta = json.loads((ann / "meta.json").read_text())
@@ -130,9 +173,10 @@ def load_dataset(directory: Path) -> Dataset:
             elif js.is_file():
                 columns[key] = json.loads(js.read_text())
             else:
-                raise DataError(f"{ann}: missing column file {key}.npy/.json; re-run the step that made it")
+                raise DataError(f"{ann}: missing column file {key}.npy/.json; "
+                                f"run `{dataset_remedy(directory, manifest)}`")
     except (OSError, ValueError) as exc:
-        raise DataError(f"{ann}: unreadable annotations ({exc}); re-run the step that made it") from None
+        raise DataError(f"{ann}: unreadable annotations ({exc}); run `{dataset_remedy(directory, manifest)}`") from None
     info = dict(meta.get("meta") or {})
     # A relative image root (or none: synthetic images live beside the annotations) resolves against
     # the dataset folder, so a cache can be moved as a whole.

@@ -453,7 +453,9 @@ class BuiltinDetector:
         if not isinstance(cfg, dict):
             raise ArtifactError(f"{run / CONFIG_FILE}: unreadable detector config; {remedy}")
         try:
-            state = load_weights(run / MODEL_FILE)
+            state = load_weights(run / MODEL_FILE, remedy=f"refground train detector --run {run.name} --force")
+        except ArtifactError:  # load_weights names the file and the repair already
+            raise
         except Exception as exc:  # unpickling errors come in many types
             first = (str(exc).splitlines() or [""])[0]
             raise ArtifactError(f"{run / MODEL_FILE}: unreadable weights ({type(exc).__name__}: {first}); "

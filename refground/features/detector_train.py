@@ -377,6 +377,14 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
     if config.epochs < 1 or config.batch_size < 1:
         raise UsageError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
     spec = run_spec(ds, out_dir, config, seed, dataset_dir)
+    # One writer per run folder, from the cache-hit check to the complete manifest (released on any error).
+    with spec.lock():
+        return _train_locked(ds, spec, config, seed, resume, force, evaluate, t_start)
+
+
+def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int, resume: bool, force: bool,
+                  evaluate: bool, t_start: float) -> dict[str, Any]:
+    """:func:`train_detector` once the run folder's lock is held."""
     result: dict[str, Any] = {"run": str(spec.out_dir), "fingerprint": spec.fingerprint, "cache_hit": False}
     cached = None if force else spec.cached_summary()
     if cached is not None:
@@ -385,7 +393,7 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
                       **{k: cached.get(k) for k in ("train_seconds", "train_images_per_s", "load_seconds")})
         return result
 
-    state = spec.begin(config.to_dict(), None, resume, force)
+    state = spec.begin(config.to_dict(), None, resume, force)  # refuses a complete run of other settings
     torch.manual_seed(seed)
     model = DetectorModel(config)
     optimizer = _make_optimizer(model, config)

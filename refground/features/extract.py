@@ -32,14 +32,25 @@ artifacts at once:
       categories/embedding float16[C, E] + attr category_names        (one prompt per dataset category)
 
 Each artifact is assembled from its committed chunks when all are there, then its manifest is written;
-``--shard K/N`` computes one block of chunks and leaves assembly to ``refground extract merge``.
+``--shard K/N`` computes one block of chunks and leaves assembly to ``refground extract merge`` (or to the
+last shard to finish). A shard holds the lock of its shard (:func:`refground.cache.chunks.shard_lock`), so
+the shards of one split run side by side while a second run of the same chunks is refused; the assembly
+holds the artifact's own lock (:func:`refground.cache.lock.artifact_lock`).
 Features are stored as float16 (halves the cache; the models are trained in float32 from them).
+
+The forward passes run on a fixed number of torch threads (``threads``, 1 by default; :func:`fixed_threads`):
+CPU kernels split their sums by thread count, so without it two machines (or ``OMP_NUM_THREADS`` settings)
+store different bytes, up to 1e-3 apart, under one fingerprint. A thread count other than 1 is part of the
+fingerprint; the manifest's ``extra`` records the threads and the torch version the bytes came from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import os
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +58,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from refground.cache import ChunkedJob, Parent, RaggedH5, Shard, write_h5, write_manifest
+from refground.cache import ChunkedJob, Parent, RaggedH5, Shard, read_manifest_of, write_h5, write_manifest
+from refground.cache.chunks import artifact_of, shard_lock
+from refground.cache.lock import artifact_lock, is_locked
 from refground.cache.zarrstore import write_zarr
 from refground.data.model import Dataset
 from refground.data.store import image_path
@@ -62,6 +75,38 @@ DENSE_FORMAT = "refground-dense"
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 CLIP_PROMPT = "a photo of a {}."
+# Arrays every committed chunk of a kind holds (a chunk without them is damaged and computed again).
+CHUNK_KEYS = {
+    "features": ("images.ids", "images.sizes", "proposals.counts", "proposals.boxes", "proposals.scores",
+                 "proposals.labels", "objects.counts", "objects.ids"),
+    "dense": ("images.ids",),
+    "clip": ("images.ids", "images.embedding", "proposals.counts", "objects.counts", "queries.counts",
+             "queries.ids"),
+}
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """Run the block on ``threads`` torch intra-op threads (None: leave them as they are), then restore.
+
+    Why: a CPU kernel (convolution, matmul, reduction) splits its sums by the thread count, so the same
+    weights and image give outputs a few float ulps apart on 1 and on 2 threads, and float16 storage does
+    not always round them together. A fixed count makes the bytes independent of the machine's cores and
+    of ``OMP_NUM_THREADS`` (they still depend on the torch version and the CPU's instruction set)."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def provenance(threads: int | None) -> dict[str, Any]:
+    """What the bytes of an extracted artifact depend on beyond its fingerprint (for its manifest's extra)."""
+    return {"threads": int(threads) if threads else torch.get_num_threads(), "torch": torch.__version__}
 
 
 @dataclass
@@ -76,18 +121,29 @@ class Target:
     fingerprint: str
     attrs: dict[str, Any] = field(default_factory=dict)
     job: ChunkedJob | None = None
+    threads: int | None = None  # torch threads of the forward passes (recorded in the plan for `merge`)
 
-    def open(self, num_images: int, chunk_size: int) -> ChunkedJob:
-        """Open (or resume) the ``.partial`` folder and record the plan, so `extract merge` can finish it."""
-        self.job = ChunkedJob(self.path, self.fingerprint, num_images, chunk_size)
+    def open(self, num_images: int, chunk_size: int, shard: Shard | None = None, force: bool = False) -> ChunkedJob:
+        """Open (or resume) the ``.partial`` folder and record the plan, so `extract merge` can finish it.
+
+        ``shard``: the shard whose lock this process holds; ``force``: forget that shard's chunks and mark
+        the job as a forced rebuild (:meth:`ChunkedJob.restart`); the plan is then written anew."""
+        self.job = ChunkedJob(self.path, self.fingerprint, num_images, chunk_size,
+                              required=CHUNK_KEYS.get(self.kind, ()), held=shard)
+        if force:
+            self.job.restart(shard or Shard())
         plan = self.job.dir / PLAN_FILE
-        if not plan.exists():
+        if force or not plan.exists():
             record = {"kind": self.kind, "path": str(self.path), "step": self.step, "params": self.params,
                       "parents": {k: vars(p) for k, p in self.parents.items()}, "fingerprint": self.fingerprint,
-                      "attrs": self.attrs}
-            tmp = plan.with_name(".plan.json.tmp")
-            tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
-            tmp.replace(plan)
+                      "attrs": self.attrs, "threads": self.threads}
+            # A unique temporary name: the shards of a split write their (equal) plans side by side.
+            tmp = plan.with_name(f".{PLAN_FILE}.tmp-{uuid.uuid4().hex[:8]}")
+            try:
+                tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
+                os.replace(tmp, plan)
+            finally:
+                tmp.unlink(missing_ok=True)
         return self.job
 
 
@@ -254,65 +310,89 @@ class Extractor:
 def finalise(partial: Path, categories: list[str] | None = None,
              clip: ClipEncoder | None = None) -> Path:
     """Assemble a ``.partial`` folder whose chunks are all committed into its artifact and write the
-    manifest (the last step of a run, or `refground extract merge` after ``--shard`` runs).
+    manifest (the last step of a run, or `refground extract merge` after ``--shard`` runs), holding the
+    artifact's lock throughout.
 
     ``categories``: the names to embed for a CLIP artifact (default: its recorded ``category_names``).
-    Returns the artifact path. :class:`ArtifactError` if chunks are missing.
+    Returns the artifact path (beside the folder, wherever the cache is now). :class:`ArtifactError` if
+    chunks are missing or unreadable (an unreadable one is deleted, so the run that owns it redoes it), or
+    another process is assembling it.
     """
     partial = Path(partial)
-    try:
-        plan = json.loads((partial / PLAN_FILE).read_text())
-        job_meta = json.loads((partial / "job.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"{partial}: no readable plan ({exc}); re-run `refground extract`") from None
-    path = Path(plan["path"])
-    job = ChunkedJob(path, plan["fingerprint"], job_meta["num_items"], job_meta["chunk_size"])
-    job.require_all("refground extract --shard K/N for the missing shards")
-    attrs = dict(plan["attrs"])
-    if plan["kind"] == "dense":
-        write_zarr(path, job, attrs)
-    else:
-        chunks: Any = job
-        if plan["kind"] == "clip":
-            # Category-name embeddings are computed once, at assembly (they belong to no image).
-            names = list(categories) if categories is not None else attrs.get("category_names") or []
-            if clip is None and names:
-                raise ArtifactError(f"{partial}: CLIP category embeddings need the model; run `refground extract "
-                                    "merge` with the same --clip")
-            extra = {"categories.embedding": _f16(clip.embed_texts([CLIP_PROMPT.format(n) for n in names]))
-                     } if names else {}
-            chunks = [job.load(k) for k in range(job.num_chunks)] + ([extra] if extra else [])
-        write_h5(path, chunks, attrs)
-    parents = {k: Parent(**v) for k, v in plan["parents"].items()}
-    write_manifest(path, step=plan["step"], params=plan["params"], parents=parents,
-                   fingerprint=plan["fingerprint"], kind=plan["kind"], extra={"images": job_meta["num_items"]})
-    job.remove()
+    path = artifact_of(partial)
+    with artifact_lock(path):
+        if not partial.exists():
+            m = read_manifest_of(path)
+            if m is not None and m.complete:
+                return path  # another shard that finished at the same time assembled it meanwhile
+        try:
+            plan = json.loads((partial / PLAN_FILE).read_text())
+            job_meta = json.loads((partial / "job.json").read_text())
+            num_items, chunk_size = int(job_meta["num_items"]), int(job_meta["chunk_size"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ArtifactError(f"{partial}: no readable plan ({exc}); re-run `refground extract`") from None
+        threads = plan.get("threads")
+        job = ChunkedJob(path, plan["fingerprint"], num_items, chunk_size, required=CHUNK_KEYS.get(plan["kind"], ()))
+        job.require_all("refground extract --shard K/N for the missing shards")
+        attrs = dict(plan["attrs"])
+        with fixed_threads(threads):
+            if plan["kind"] == "dense":
+                write_zarr(path, job, attrs)
+            else:
+                extra: list[dict[str, np.ndarray]] = []
+                if plan["kind"] == "clip":
+                    # Category-name embeddings are computed once, at assembly (they belong to no image).
+                    names = list(categories) if categories is not None else attrs.get("category_names") or []
+                    if clip is None and names:
+                        raise ArtifactError(f"{partial}: CLIP category embeddings need the model; run `refground "
+                                            "extract merge` with the same --clip")
+                    if names:
+                        extra.append({"categories.embedding":
+                                      _f16(clip.embed_texts([CLIP_PROMPT.format(n) for n in names]))})
+                write_h5(path, job, attrs, extra=extra)
+        parents = {k: Parent(**v) for k, v in plan["parents"].items()}
+        write_manifest(path, step=plan["step"], params=plan["params"], parents=parents,
+                       fingerprint=plan["fingerprint"], kind=plan["kind"],
+                       extra={"images": num_items, **provenance(threads)})
+        job.remove()
     return path
 
 
-def run(ds: Dataset, targets: list[Target], extractor: Extractor, chunk_size: int, shard: Shard = Shard()
-        ) -> dict[str, Any]:
-    """Compute the missing chunks of ``shard`` for every target, then (whole runs) assemble them.
+def run(ds: Dataset, targets: list[Target], extractor: Extractor, chunk_size: int, shard: Shard = Shard(),
+        force: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Compute the missing chunks of ``shard`` for every target, then (when all are there) assemble them.
 
-    Returns ``{"chunks_computed", "images_computed", "finalised": [paths], "pending": [paths]}``.
+    Holds each target's shard lock throughout (:func:`refground.cache.chunks.shard_lock`: a second process
+    on the same chunks is refused). ``force``: redo this shard's chunks even where committed (the other
+    shards' are kept: they may be fresh from their own forced runs), and mark the job a forced rebuild so
+    the old artifact is no cache hit for the remaining shards. ``threads``: torch threads of the forward
+    passes (:func:`fixed_threads`; None: as set). Returns ``{"chunks_computed", "images_computed",
+    "finalised": [paths], "pending": [paths]}``.
     """
-    for t in targets:
-        t.open(ds.num_images, chunk_size)
-    jobs = {t.kind: t.job for t in targets}
-    first = targets[0].job
-    todo = sorted(set().union(*(set(j.todo(shard)) for j in jobs.values())))
-    images = 0
-    for k in track(todo, total=len(todo), description=f"extract {ds.name}" + ("" if shard.whole else f" {shard}")):
-        lo, hi = first.chunk_range(k)
-        want = {kind for kind, j in jobs.items() if not j.chunk_path(k).exists()}
-        arrays = extractor.compute(range(lo, hi), want)
-        for kind in want:
-            jobs[kind].save(k, arrays[kind])
-        images += hi - lo
-    finalised, pending = [], []
-    for t in targets:
-        if t.job.missing():
-            pending.append(str(t.path))
-        else:
-            finalised.append(str(finalise(t.job.dir, categories=ds.categories, clip=extractor.clip)))
+    with contextlib.ExitStack() as locks:
+        for t in targets:
+            locks.enter_context(shard_lock(t.path, shard))
+            t.threads = threads
+            t.open(ds.num_images, chunk_size, shard=shard, force=force)
+        jobs = {t.kind: t.job for t in targets}
+        first = targets[0].job
+        # todo() also deletes (with a warning) committed chunks of this shard that no longer read.
+        todo = sorted(set().union(*(set(j.todo(shard)) for j in jobs.values())))
+        images = 0
+        with fixed_threads(threads):
+            for k in track(todo, total=len(todo),
+                           description=f"extract {ds.name}" + ("" if shard.whole else f" {shard}")):
+                lo, hi = first.chunk_range(k)
+                want = {kind for kind, j in jobs.items() if not j.chunk_path(k).exists()}
+                arrays = extractor.compute(range(lo, hi), want)
+                for kind in want:
+                    jobs[kind].save(k, arrays[kind])
+                images += hi - lo
+        finalised, pending = [], []
+        for t in targets:
+            # Another shard that finished at the same time may be assembling it now: it will finish it.
+            if t.job.missing() or is_locked(t.path):
+                pending.append(str(t.path))
+            else:
+                finalised.append(str(finalise(t.job.dir, categories=ds.categories, clip=extractor.clip)))
     return {"chunks_computed": len(todo), "images_computed": images, "finalised": finalised, "pending": pending}

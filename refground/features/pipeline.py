@@ -4,6 +4,11 @@ Artifact names: ``features/<name>.h5`` and ``dense/<name>.zarr`` with ``name`` t
 (``detector-default``, ``hf-<folder>``, ``mattnet-<file stem>``; with a separate ``--backbone`` its name
 is appended after ``+``), ``clip/<clip name>.h5``. Fingerprints chain the dataset, the input files
 (checkpoint, model folders, detections file) and the parameters (:mod:`refground.cache.manifest`).
+
+``--force`` redoes the chunks of this run's shard only (:meth:`refground.cache.ChunkedJob.restart`): the
+shards of a forced sharded job each redo their own, and the complete artifact made before is no cache hit
+while the forced job is pending (:func:`refground.cache.chunks.rebuild_pending`); the last shard (or
+`refground extract merge`) replaces it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 
 from refground.cache import (Parent, RaggedH5, Shard, fingerprint, is_current, parent, partial_progress,
                              require)
-from refground.cache.chunks import discard_partial
+from refground.cache.chunks import rebuild_pending
 from refground.cache.manifest import parent_fingerprints
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
@@ -48,9 +53,18 @@ def require_features(path: Path) -> None:
 def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", backbone: str = "",
                     clip: str = "", max_proposals: int = 100, dense: bool = True, dense_size: int = 0,
                     name: str = "", batch_size: int = 16, chunk_size: int = 64, shard: str = "",
-                    force: bool = False, seed: int = 0, detections: float | None = None) -> dict[str, Any]:
+                    force: bool = False, seed: int = 0, detections: float | None = None,
+                    threads: int = 1, workers: int = 1) -> dict[str, Any]:
     """Fill (or find current) the features, dense and CLIP artifacts of ``dataset``. Returns a summary:
     per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing.
+
+    ``workers``: processes that fill the chunks side by side (each one shard, on ``threads`` threads), then
+    one assembles: the bytes do not depend on it. Fewer are started when there are fewer than
+    ``MIN_CHUNKS_PER_WORKER`` chunks per worker (starting one costs seconds); ignored with ``shard``.
+
+    ``threads``: torch threads of the forward passes (``--threads``). The default 1 makes the bytes
+    independent of the machine's cores and ``OMP_NUM_THREADS``; another count is faster on many cores but
+    its bytes differ (by float16 rounding), so it is part of the artifacts' fingerprints.
 
     ``detections``: a confidence threshold in (0, 1) (VL-NMS's delta, 0.05 in the paper) to also store the
     detector's pre-NMS boxes at or above it in the features artifact's ``detections/`` section (built-in
@@ -62,6 +76,11 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         raise UsageError(f"--detection-threshold {detections}: must be in (0, 1), e.g. 0.05")
     if chunk_size < 1 or batch_size < 1:
         raise UsageError("--chunk-size and --batch-size must be at least 1")
+    if threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1 (1, the default, gives bytes that do "
+                         "not depend on the thread count)")
+    if workers < 1:
+        raise UsageError(f"--workers {workers}: must be at least 1")
     sh = Shard.parse(shard)
     ds_dir = dataset_dir(dataset, cache)
     ds_parent = parent("dataset", ds_dir)
@@ -86,28 +105,31 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     if detections is not None:
         # Only when on: artifacts made without the option keep their fingerprints.
         f_params["detections"] = float(detections)
+    # Bytes made on other thread counts differ: another artifact state. Only when not 1, so artifacts made
+    # with the default keep their fingerprints.
+    t_params = {"threads": int(threads)} if threads != 1 else {}
+    f_params.update(t_params)
     f_parents = {"dataset": ds_parent, **({"detector": det.parent} if det.parent else {}),
                  **({"backbone": bb.parent} if bb else {})}
     f_fp = fingerprint(FEATURES_STEP, f_params, parent_fingerprints(f_parents))
     wanted = {"features": (FEATURES_STEP, f_params, f_parents, f_fp)}
     if dense and feat is not None:
-        d_params = {"dense_size": dense_size, "format_version": X.FORMAT_VERSION}
+        d_params = {"dense_size": dense_size, "format_version": X.FORMAT_VERSION, **t_params}
         d_parents = {"dataset": ds_parent, "backbone": feat.parent}
         wanted["dense"] = (DENSE_STEP, d_params, d_parents, fingerprint(DENSE_STEP, d_params,
                                                                          parent_fingerprints(d_parents)))
     if clip_spec is not None:
         c_parents = {"dataset": ds_parent, "clip": clip_spec.parent,
                      "features": Parent("artifact", str(paths["features"]), f_fp)}
-        c_params = {"format_version": X.FORMAT_VERSION, "prompt": X.CLIP_PROMPT}
+        c_params = {"format_version": X.FORMAT_VERSION, "prompt": X.CLIP_PROMPT, **t_params}
         wanted["clip"] = (CLIP_STEP, c_params, c_parents, fingerprint(CLIP_STEP, c_params,
                                                                       parent_fingerprints(c_parents)))
     for kind, (step, params, parents, fp) in wanted.items():
         path = paths[kind]
-        if not force and is_current(path, fp):
+        # A forced rebuild under way (another shard ran with --force) makes the old artifact no hit.
+        if not force and is_current(path, fp) and not rebuild_pending(path, fp):
             status[kind] = {"path": str(path), "status": "hit"}
             continue
-        if force:
-            discard_partial(path)  # a forced run starts from scratch
         targets.append(X.Target(kind, path, step, params, parents, fp))
         status[kind] = {"path": str(path), "status": "todo"}
     result: dict[str, Any] = {"dataset": dataset, "name": name, "artifacts": status, "shard": str(sh)}
@@ -117,6 +139,22 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         return result
 
     ds = load_dataset(ds_dir)
+    chunks = -(-ds.num_images // chunk_size)
+    workers = min(workers, max(1, chunks // MIN_CHUNKS_PER_WORKER)) if sh.whole else 1
+    if workers > 1:
+        args = dict(dataset=dataset, cache=cache, detector=detector, backbone=backbone, clip=clip,
+                    max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
+                    batch_size=batch_size, chunk_size=chunk_size, force=force, seed=seed, detections=detections,
+                    threads=threads)
+        ran = _run_workers(args, workers, [t.path for t in targets], clip)
+        for t in targets:
+            status[t.kind]["status"] = "written"
+        seconds = time.perf_counter() - t0
+        result.update(ran, seconds=round(seconds, 3), cache_hit=False,
+                      images_per_second=round(ran["images_computed"] / seconds, 2) if seconds > 0 else None)
+        if "features" in status:
+            result.update(_features_figures(paths["features"]))
+        return result
     torch.manual_seed(seed)
     det_model = det.load(ds) if det.kind != "none" else _NoProposals()
     feat_model = feat.load(ds) if feat is not None else None
@@ -146,7 +184,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
                             max_proposals, batch_size, size, existing=existing,
                             detections=float(detections) if detections is not None else None)
     try:
-        ran = X.run(ds, targets, extractor, chunk_size, sh)
+        ran = X.run(ds, targets, extractor, chunk_size, sh, force=force, threads=threads)
     finally:
         if existing is not None:
             existing.close()
@@ -158,14 +196,52 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     result.update(ran, seconds=round(seconds, 3), cache_hit=False,
                   images_per_second=round(ran["images_computed"] / seconds, 2) if seconds > 0 else None)
     if "features" in status and status["features"]["status"] != "pending":
-        with RaggedH5(paths["features"]) as f:
-            counts = f.counts("proposals")
-            result["proposals_per_image"] = round(float(counts.mean()), 2) if len(counts) else 0.0
-            result["feature_dim"] = int(f.file["objects"]["features"].shape[1]) if f.has("objects", "features") else 0
-            if f.has("detections", "offsets"):
-                dc = f.counts("detections")
-                result["detections_per_image"] = round(float(dc.mean()), 2) if len(dc) else 0.0
+        result.update(_features_figures(paths["features"]))
     return result
+
+
+MIN_CHUNKS_PER_WORKER = 4
+
+
+def default_workers() -> int:
+    """``--workers`` when not given: min(2, CPUs), like ``data synth``'s."""
+    import os
+
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def _features_figures(path: Path) -> dict[str, Any]:
+    """Proposals (and detections) per image and the feature width of a features artifact."""
+    out: dict[str, Any] = {}
+    with RaggedH5(path) as f:
+        counts = f.counts("proposals")
+        out["proposals_per_image"] = round(float(counts.mean()), 2) if len(counts) else 0.0
+        out["feature_dim"] = int(f.file["objects"]["features"].shape[1]) if f.has("objects", "features") else 0
+        if f.has("detections", "offsets"):
+            dc = f.counts("detections")
+            out["detections_per_image"] = round(float(dc.mean()), 2) if len(dc) else 0.0
+    return out
+
+
+def _worker(args: dict[str, Any]) -> dict[str, Any]:
+    """One worker process of :func:`_run_workers`: its shard's chunks (the last one to finish assembles)."""
+    res = extract_dataset(**args)
+    return {"chunks_computed": int(res.get("chunks_computed", 0)), "images_computed": int(res.get("images_computed", 0))}
+
+
+def _run_workers(args: dict[str, Any], workers: int, paths: list[Path], clip: str) -> dict[str, Any]:
+    """Fill every chunk with ``workers`` processes, shard ``k/workers`` each (spawned: a fresh interpreter
+    has no threads a fork could deadlock on), then make sure the artifacts are assembled (two shards that
+    finish at the same instant may both leave that to a merge). Returns the summed chunk/image counts."""
+    import multiprocessing
+
+    jobs = [{**args, "shard": f"{k + 1}/{workers}"} for k in range(workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        parts = pool.map(_worker, jobs)
+    if any(not Path(p).exists() or (Path(str(p) + ".partial")).exists() for p in paths):
+        merge(args["dataset"], args["cache"], clip=clip)
+    return {"chunks_computed": sum(p["chunks_computed"] for p in parts),
+            "images_computed": sum(p["images_computed"] for p in parts), "workers": workers}
 
 
 class _NoProposals:

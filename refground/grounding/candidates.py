@@ -46,6 +46,66 @@ VFLIP_WORDS = (("top", "bottom"), ("topmost", "bottommost"), ("above", "below"),
                ("upper", "lower"), ("beneath", "above"), ("lowest", "topmost"))
 
 
+# Elements checked per np.isfinite call: bounds the temporary bool array on a large feature table.
+FINITE_BLOCK = 1 << 22
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or Inf (an integer array always passes); checked in blocks."""
+    if a.dtype.kind not in "fc":
+        return True
+    flat = a.reshape(-1)
+    return all(bool(np.isfinite(flat[i:i + FINITE_BLOCK]).all()) for i in range(0, flat.size, FINITE_BLOCK))
+
+
+def check_finite(path: Path, remedy: str, **arrays: np.ndarray) -> None:
+    """A one-line ArtifactError naming ``path`` and the command ``remedy`` when one of ``arrays`` (by name,
+    e.g. ``objects_features=...``) holds NaN or Inf: a damaged artifact would otherwise train to a silent
+    loss of 0 (every score NaN, so no hard negative) or rank garbage."""
+    for name, a in arrays.items():
+        if not all_finite(np.asarray(a)):
+            raise ArtifactError(f"{path}: {name.replace('_', '/', 1)} holds NaN or Inf values (damaged); "
+                                f"run `{remedy}`")
+
+
+def extract_command(features_file: Path) -> str:
+    """The ``refground extract ... --force`` command that rewrites the features artifact ``features_file``
+    (``<cache>/<dataset>/features/<name>.h5``) with the options recorded in its manifest."""
+    from refground.cache import read_manifest_of
+
+    path = Path(features_file)
+    m = read_manifest_of(path)
+    p = m.params if m is not None else {}
+    parts = ["refground extract"]
+    dataset = path.parent.parent.name
+    if dataset and dataset != "synth":
+        parts.append(f"--dataset {dataset}")
+    if p.get("detector", "builtin") != "builtin":
+        parts.append(f"--detector {p['detector']}")
+    if p.get("backbone"):
+        parts.append(f"--backbone {p['backbone']}")
+    if p.get("max_proposals", 100) != 100:
+        parts.append(f"--max-proposals {p['max_proposals']}")
+    if p.get("detections") is not None:
+        parts.append(f"--detections --detection-threshold {p['detections']}")
+    if path.stem != "detector-default":
+        parts.append(f"--features {path.stem}")
+    if not (path.parent.parent / "dense" / f"{path.stem}.zarr").exists():
+        parts.append("--no-dense")  # it was made without dense maps: do not add hours of them
+    return " ".join(parts + ["--force"])
+
+
+def proposals_command(proposals_file: Path) -> str:
+    """The ``refground vlnms ... --force`` command that rewrites the query-aware proposal set
+    ``proposals_file`` (``<cache>/<dataset>/vlnms/<tag>/<split>.h5``)."""
+    path = Path(proposals_file)
+    tag = path.parent.name
+    who = "--confidence-only" if tag == "confidence" else f"--run {tag}"
+    dataset = path.parent.parent.parent.name
+    where = f" --dataset {dataset}" if dataset and dataset != "synth" else ""
+    return f"refground vlnms{where} {who} --split {path.stem} --force"
+
+
 class CandidateSet(RaggedBoxes):
     """Candidates of every group (an image, or a query for query-aware proposals): a
     :class:`~refground.structures.RaggedBoxes` (group g owns rows ``offsets[g]:offsets[g + 1]``).
@@ -130,6 +190,7 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
                                     "run `refground extract --force`")
             offsets = ds.image_object_offsets.astype(np.int64)
             features = f.table("objects", "features").astype(np.float32)
+            check_finite(features_file, extract_command(features_file), objects_features=features)
             boxes = ds.object_boxes.astype(np.float32)
             object_ids = ds.object_ids.astype(np.int64)
             relations, rel_offsets = g.table("objects", "labels"), g.offsets["objects"]
@@ -144,6 +205,8 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
             offsets = top.offsets
             features = top.features.astype(np.float32)
             boxes = top.boxes.astype(np.float32)
+            check_finite(features_file, extract_command(features_file), proposals_features=features,
+                         proposals_boxes=boxes)
             object_ids = np.full(len(boxes), -1, dtype=np.int64)
             counts = props.counts()
             if not np.array_equal(np.diff(g.offsets["proposals"]), counts ** 2):
@@ -175,6 +238,8 @@ def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) ->
     offsets = top.offsets
     boxes = top.boxes.astype(np.float32)
     features = top.features.astype(np.float32)
+    check_finite(proposals_file, proposals_command(proposals_file), proposals_features=features,
+                 proposals_boxes=boxes)
     image_rows = np.array([ds.image_row(int(ds.query_image_ids[ds.query_row(int(q))])) for q in qids], dtype=np.int64)
     sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)[image_rows]
     group_boxes = [boxes[offsets[g]:offsets[g + 1]] for g in range(len(qids))]
@@ -318,5 +383,5 @@ def feature_stats(cands: RaggedBoxes, image_rows: np.ndarray, limit: int | None 
 
 
 __all__ = ["Batch", "CandidateSet", "CandidateSpec", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "SOURCES",
-           "candidates_for", "feature_stats", "load_candidates", "load_query_candidates", "make_batch",
-           "query_proposals_path"]
+           "all_finite", "candidates_for", "check_finite", "extract_command", "feature_stats", "load_candidates",
+           "load_query_candidates", "make_batch", "proposals_command", "query_proposals_path"]

@@ -56,6 +56,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -63,10 +64,11 @@ from typing import Any
 import numpy as np
 
 from refground.atomic import atomic_dir, atomic_file
-from refground.data.formats._common import CLIP_TOLERANCE, copy_images, read_text
+from refground.data.formats._common import (CLIP_TOLERANCE, FORCE_HINT, check_images, check_out_root, copy_images,
+                                            missing_image_files, plan_images, read_text)
 from refground.data.model import ROLES, Dataset, Image, Mention, Object, Query, Relation
 from refground.data.validate import box_problem, check_boxes, validate_dataset
-from refground.errors import DataError
+from refground.errors import DataError, UsageError
 from refground.progress import track
 
 SENTENCES = "Sentences"
@@ -178,9 +180,9 @@ def parse_annotation(path: Path) -> dict[str, Any]:
     return out
 
 
-def _read_ids(path: Path) -> list[int]:
+def _read_ids(path: Path, counts: Counter | None = None) -> list[int]:
     ids = []
-    for n, line in enumerate(read_text(path, "split file").splitlines(), 1):
+    for n, line in enumerate(read_text(path, "split file", counts).splitlines(), 1):
         s = line.strip()
         if not s:
             continue
@@ -215,9 +217,14 @@ def import_flickr30k(
 ) -> Dataset:
     """Read a Flickr30K Entities folder (see the module docstring) into a :class:`Dataset`.
 
-    ``image_root`` is the folder holding the JPEGs (stored absolute in ``meta["image_root"]``).
+    ``image_root`` is the folder holding the JPEGs (stored absolute in ``meta["image_root"]``); image files
+    missing there are counted in ``meta["missing_images"]`` (the first in ``meta["first_missing_image"]``).
     ``refground.json`` beside the folders is used when present and ``use_sidecar``. With ``skip_invalid``
     boxes outside the image are dropped (``meta["skipped_objects"]``) instead of an error.
+
+    Text files are UTF-8; a leading byte-order mark is dropped (counted in ``meta["bom_files"]``) and a
+    line that is not UTF-8 is read as latin-1 (counted in ``meta["latin1_lines"]`` and
+    ``meta["latin1_files"]``), so no character is ever replaced.
     """
     root = Path(root)
     if not root.is_dir():
@@ -229,11 +236,12 @@ def import_flickr30k(
         raise DataError(f"{image_root}: image folder not found")
     split_of: dict[int, str] = {}
     listed: list[int] = []
+    decoding: Counter = Counter()  # byte-order marks and latin-1 lines met in the text files
     for split in SPLITS:
         path = root / f"{split}.txt"
         if not path.is_file():
             raise DataError(f"{split}.txt not found in {root}")
-        for iid in _read_ids(path):
+        for iid in _read_ids(path, decoding):
             if iid in split_of:
                 raise DataError(f"{path}: image {iid} is also listed in {split_of[iid]}.txt")
             split_of[iid] = split
@@ -291,7 +299,8 @@ def import_flickr30k(
             for n in names:
                 entity_objects.setdefault(n, []).append(oids[k])
 
-        lines = [(n, line.rstrip("\r")) for n, line in enumerate(read_text(txt_path).split("\n"), 1) if line.strip()]
+        text = read_text(txt_path, "sentence file", decoding)
+        lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
         if len(lines) > QUERY_ID_STRIDE:
             raise DataError(f"{txt_path}: more than {QUERY_ID_STRIDE} sentences; query ids would collide")
         side = side_images.get(iid)
@@ -326,9 +335,12 @@ def import_flickr30k(
             queries.extend(qs)
 
     queries.sort(key=lambda iq: iq[0])
+    n_missing, first_missing = missing_image_files(Path(image_root), (im.file for im in images))
     meta = {"source": "flickr30k_entities", "image_root": str(Path(image_root).resolve()),
             "skipped_images": skipped_images, "skipped_objects": dropped, "clipped": clipped,
-            "sidecar": sidecar is not None}
+            "sidecar": sidecar is not None, "missing_images": n_missing, "first_missing_image": first_missing,
+            "latin1_files": decoding["latin1_files"], "latin1_lines": decoding["latin1_lines"],
+            "bom_files": decoding["bom_files"]}
     categories = [str(c) for c in sidecar["categories"]] if sidecar is not None else None
     try:
         ds = Dataset.from_records(name, images, objects, [q for _, q in queries], categories, meta)
@@ -400,17 +412,101 @@ def _xml_box(box: tuple[float, float, float, float]) -> list[int]:
     return [math.floor(x1) + 1, math.floor(y1) + 1, math.ceil(x2), math.ceil(y2)]
 
 
-def export_flickr30k(ds: Dataset, out_root: str | os.PathLike, copy_image_files: bool = True) -> dict[str, Any]:
+def _previous_export_ids(out_root: Path) -> set[int] | None:
+    """The image ids of the export whose sidecar lies in ``out_root``; None when there is no refground
+    sidecar there (absent, unreadable or another file of that name)."""
+    path = out_root / SIDECAR
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+            return None
+        return {int(e["id"]) for e in data["images"]}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _flickr_target(out_root: Path, force: bool) -> tuple[set[int], dict[str, list[str]], list[str]]:
+    """Check what an export would write over in ``out_root`` before anything is written.
+
+    Returns ``(previous ids, foreign, problems)``: the image ids of a previous export there (its files are
+    ours to replace), per sub-folder the entries that export did not write, and the reasons the export
+    needs ``force``. A non-file where a file goes (or the reverse) is a :class:`UsageError` even with
+    ``force``: replacing it would delete a folder we did not write.
+    """
+    old = _previous_export_ids(out_root)
+    problems: list[str] = []
+
+    def blocked(p: Path, what: str) -> UsageError:
+        return UsageError(f"{p}: exists and is not {what}; move it away or choose another --out-dir")
+
+    for name in (SIDECAR, *(f"{sp}.txt" for sp in SPLITS)):
+        p = out_root / name
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            raise blocked(p, "a file")
+        if p.exists() and old is None:
+            problems.append(f"{p} exists and was not written by refground export")
+    foreign: dict[str, list[str]] = {}
+    for sub, ext in ((SENTENCES, ".txt"), (ANNOTATIONS, ".xml")):
+        d = out_root / sub
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            raise blocked(d, "a folder")
+        ours = {f"{i}{ext}" for i in old or ()}
+        foreign[sub] = sorted(p.name for p in d.iterdir() if p.name not in ours or not p.is_file()) \
+            if d.exists() else []
+        if foreign[sub]:
+            more = f" and {len(foreign[sub]) - 1} more" if len(foreign[sub]) > 1 else ""
+            problems.append(f"{d} holds files refground export did not write ({foreign[sub][0]}{more})")
+    if problems and not force:
+        raise UsageError(f"{problems[0]}; {FORCE_HINT}")
+    return old or set(), foreign, problems
+
+
+def _write_folder(folder: Path, files: dict[str, bytes], foreign: list[str], stale: set[str]) -> None:
+    """Write ``files`` (name -> bytes) as the contents of ``folder``.
+
+    Without ``foreign`` entries (the folder is new or holds only a previous export) the folder is replaced
+    in one rename. With them (``--force``) each file is written in place, atomically, the ``stale`` files
+    of the previous export are removed and the foreign ones are kept.
+    """
+    if not foreign:
+        with atomic_dir(folder, lock=False) as stage:  # outside the cache: no lock file litter
+            for name, data in files.items():
+                (stage / name).write_bytes(data)
+        return
+    from refground.cache.lock import artifact_lock
+
+    with artifact_lock(folder):
+        for name, data in files.items():
+            with atomic_file(folder / name, "wb") as fh:
+                fh.write(data)
+        for name in stale - set(files):
+            (folder / name).unlink(missing_ok=True)
+
+
+def export_flickr30k(ds: Dataset, out_root: str | os.PathLike, copy_image_files: bool = True,
+                     force: bool = False) -> dict[str, Any]:
     """Write the caption queries of ``ds`` as a Flickr30K Entities folder plus the ``refground.json``
-    sidecar (see the module docstring); image files are hard-linked (or copied) into
-    ``<out_root>/flickr30k_images/``. Expression queries are skipped (counted in the summary).
+    sidecar (see the module docstring); image files are copied into ``<out_root>/flickr30k_images/``.
+    Expression queries are skipped (counted in the summary).
+
+    Nothing that is not ours is overwritten or deleted without ``force``: the files a previous export
+    wrote (known from its sidecar) are replaced, but any other file in ``Sentences/`` or ``Annotations/``,
+    split files or a ``refground.json`` that no export wrote, or an image file of the same name with other
+    content, is a one-line :class:`UsageError` before anything is written. With ``force`` the files this
+    export writes replace those of the same name and every other file is kept.
 
     Entity ids are numbered from 1 across the dataset: one per distinct object-id set of a phrase within
     an image, one per phrase without boxes (``0`` for ``notvisual`` ones), one per object no phrase
     mentions. Mentions that overlap an earlier one cannot be marked up; they live in the sidecar only.
     Returns a summary dict.
     """
-    out_root = Path(out_root)
+    out_root = check_out_root(Path(out_root))
+    old_ids, foreign, problems = _flickr_target(out_root, force)
+    plan = plan_images(ds, out_root / IMAGES_DIR) if copy_image_files else None
+    if plan is not None:
+        check_images(plan, force)
     caption_rows = ds.query_rows("all", "caption")
     by_image: dict[int, list[int]] = {}
     for k in caption_rows.tolist():
@@ -496,16 +592,14 @@ def export_flickr30k(ds: Dataset, out_root: str | os.PathLike, copy_image_files:
 
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / SIDECAR).unlink(missing_ok=True)  # never leave an old sidecar beside new files
-    with atomic_dir(out_root / SENTENCES) as stage:
-        for iid, text in sentences.items():
-            (stage / f"{iid}.txt").write_text(text, encoding="utf-8")
-    with atomic_dir(out_root / ANNOTATIONS) as stage:
-        for iid, data in xmls.items():
-            (stage / f"{iid}.xml").write_bytes(data)
+    _write_folder(out_root / SENTENCES, {f"{iid}.txt": text.encode("utf-8") for iid, text in sentences.items()},
+                  foreign[SENTENCES], {f"{i}.txt" for i in old_ids})
+    _write_folder(out_root / ANNOTATIONS, {f"{iid}.xml": data for iid, data in xmls.items()},
+                  foreign[ANNOTATIONS], {f"{i}.xml" for i in old_ids})
     for split, ids in split_lists.items():
         with atomic_file(out_root / f"{split}.txt") as fh:
             fh.write("".join(f"{i}\n" for i in ids))
-    copied, missing = copy_images(ds, out_root / IMAGES_DIR) if copy_image_files else (0, ds.num_images)
+    copied, missing = copy_images(ds, out_root / IMAGES_DIR, force, plan) if plan is not None else (0, ds.num_images)
     with atomic_file(out_root / SIDECAR) as fh:
         json.dump({"format": SIDECAR_FORMAT, "version": 1, "name": ds.name, "categories": ds.categories,
                    "images": side_images}, fh, separators=(",", ":"))
@@ -521,6 +615,12 @@ def export_flickr30k(ds: Dataset, out_root: str | os.PathLike, copy_image_files:
                      f"({SIDECAR} keeps them)")
     if missing:
         notes.append(f"{missing} image files not found under the dataset's image root, not copied")
+    for sub in (SENTENCES, ANNOTATIONS):
+        if foreign[sub]:
+            notes.append(f"--force: kept {len(foreign[sub])} files export did not write in {sub}/ (an import "
+                         f"without {SIDECAR} counts those of images in no split file as skipped)")
+    if problems and not any(foreign.values()):
+        notes.append(f"--force: replaced files no refground export wrote ({problems[0]})")
     return {"format": "flickr30k", "out": str(out_root), "images": ds.num_images, "objects": ds.num_objects,
             "sentences": int(len(caption_rows)), "skipped_expressions": n_expr, "unmarked_mentions": unmarked,
             "unlisted_images": unlisted, "images_copied": copied, "images_missing": missing, "notes": notes}

@@ -49,10 +49,11 @@ import numpy as np
 from pycocotools import mask as cocomask
 
 from refground import masks as rmasks
-from refground.atomic import atomic_dir
-from refground.data.formats._common import CLIP_TOLERANCE, check_name, copy_images
+from refground.atomic import atomic_dir, atomic_file
+from refground.data.formats._common import (CLIP_TOLERANCE, FORCE_HINT, check_images, check_name, check_out_root,
+                                            copy_images, missing_image_files, plan_images)
 from refground.data.formats.safe_pickle import load_restricted
-from refground.data.model import ROLES, Dataset, Image, Mention, Object, Query, Relation
+from refground.data.model import ROLES, SPLIT_NAMES, Dataset, Image, Mention, Object, Query, Relation
 from refground.data.validate import box_problem, check_boxes, validate_dataset
 from refground.errors import DataError, UsageError
 from refground.progress import track
@@ -66,6 +67,14 @@ SPLIT_BYS: dict[str, tuple[str, ...]] = {
 }
 
 INSTANCES = "instances.json"
+
+# The split names a ref may carry: those of the refer releases (train, val, test; testA, testB, testC and
+# their compounds such as testAB for RefCOCO/RefCOCO+). Anything else is a typo in the file that would
+# silently drop its refs from every evaluation split.
+REF_SPLITS: tuple[str, ...] = tuple(s for s in SPLIT_NAMES if s != "all")
+
+# How export_refer starts instances.json: a previous export is recognised by these bytes.
+_EXPORT_MARK = b'{"info":{"description":"exported by refground'
 
 
 def refs_filename(split_by: str) -> str:
@@ -247,11 +256,13 @@ def import_refer(
     """Read ``<root>/<dataset>/refs(<split_by>).p`` and ``instances.json`` into a :class:`Dataset`.
 
     ``image_root`` is the folder holding the image files named in ``instances.json`` (e.g. COCO
-    ``train2014``); it is stored absolute in ``meta["image_root"]``. ``name`` defaults to
-    ``<dataset>_<split_by>``. With ``skip_invalid`` empty sentences and annotations with invalid boxes
-    (and the refs on them) are dropped and counted in ``meta["skipped"]`` (sentences) and
-    ``meta["skipped_objects"]``; otherwise they are a :class:`DataError` naming the file.
-    See the module docstring for the mapping.
+    ``train2014``); it is stored absolute in ``meta["image_root"]``. Image files missing there are not an
+    error (images are read only by later steps) but counted in ``meta["missing_images"]``, the first in
+    ``meta["first_missing_image"]``, so the caller can warn. A ref whose split is not one of
+    :data:`REF_SPLITS` is a :class:`DataError`. ``name`` defaults to ``<dataset>_<split_by>``. With
+    ``skip_invalid`` empty sentences and annotations with invalid boxes (and the refs on them) are dropped
+    and counted in ``meta["skipped"]`` (sentences) and ``meta["skipped_objects"]``; otherwise they are a
+    :class:`DataError` naming the file. See the module docstring for the mapping.
     """
     check_split_by(dataset, split_by)
     check_name(dataset, "dataset")
@@ -289,6 +300,9 @@ def import_refer(
         ann_id = _field(ref, "ann_id", refs_path, what, int)
         image_id = _field(ref, "image_id", refs_path, what, int)
         split = _field(ref, "split", refs_path, what, str)
+        if split not in REF_SPLITS:
+            raise DataError(f"{refs_path}: {what}: unknown split {split!r}; expected one of: "
+                            f"{', '.join(REF_SPLITS)}")
         sentences = _field(ref, "sentences", refs_path, what, list)
         if ann_id in inst["dropped"]:
             skipped += len(sentences)
@@ -352,9 +366,11 @@ def import_refer(
             split = next(iter(splits)) if len(splits) == 1 else ("mixed" if splits else "")
         images.append(Image(iid, info["file"], info["width"], info["height"], split))
 
+    n_missing, first_missing = missing_image_files(Path(image_root), (im.file for im in images))
     meta = {"source": "refer", "dataset": dataset, "split_by": split_by,
             "image_root": str(Path(image_root).resolve()), "skipped": skipped,
-            "skipped_objects": len(inst["dropped"]), "clipped": inst["clipped"]}
+            "skipped_objects": len(inst["dropped"]), "clipped": inst["clipped"],
+            "missing_images": n_missing, "first_missing_image": first_missing}
     try:
         ds = Dataset.from_records(name or f"{dataset}_{split_by}", images, objects.values(),
                                   [q for _, q in queries], inst["categories"], meta)
@@ -402,25 +418,68 @@ def _refs_of(ds: Dataset, rows: np.ndarray) -> list[dict[str, Any]]:
     return list(refs.values())
 
 
+def _is_exported_instances(path: Path) -> bool:
+    """Whether ``path`` is an ``instances.json`` written by :func:`export_refer` (its first bytes)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(_EXPORT_MARK)) == _EXPORT_MARK
+    except OSError:
+        return False
+
+
+def _refer_target_problem(folder: Path) -> str | None:
+    """Why writing an export into ``folder`` could destroy something that is not a refground export; None
+    when ``folder`` is absent or holds only a previous export (our ``instances.json`` and ``refs(*).p``
+    files, e.g. of other split-bys of the same corpus, which are kept)."""
+    if not folder.exists():
+        return None
+    entries = sorted(p.name for p in folder.iterdir())
+    ours = _is_exported_instances(folder / INSTANCES)
+    if INSTANCES in entries and not ours:
+        return f"{folder / INSTANCES} exists and was not written by refground export"
+    foreign = [n for n in entries if n != INSTANCES and not (ours and n.startswith("refs(") and n.endswith(").p"))]
+    if foreign:
+        return f"{folder} is not empty ({foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''})"
+    return None
+
+
 def export_refer(
     ds: Dataset,
     out_root: str | os.PathLike,
     dataset_name: str,
     split_by: str = "unc",
     copy_image_files: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write ``ds`` as ``<out_root>/<dataset_name>/instances.json`` and ``refs(<split_by>).p``.
 
     Refs are the expression queries grouped by ``Query.group``; caption queries are not representable and
-    are skipped (counted in the summary). Image files are hard-linked (or copied) into
-    ``<out_root>/images/``. The dataset folder is written under a temporary name and renamed.
+    are skipped (counted in the summary). Image files are copied into ``<out_root>/images/``.
+
+    Nothing that is not ours is overwritten or deleted without ``force``: a ``<dataset_name>`` folder that
+    holds anything but a previous export, or an image file of the same name with other content, is a
+    one-line :class:`UsageError` before anything is written. With ``force`` the two annotation files and
+    the image files replace those of the same name; every other file is kept. A new dataset folder is
+    written under a temporary name and renamed; into an existing one the two files are written one by one
+    (each atomically), so the files beside them (other split-bys, a user's files) stay.
     Returns a summary dict (counts, paths, notes).
     """
     check_name(dataset_name, "dataset name")
     check_name(split_by, "split-by")
     if dataset_name == "images":
         raise UsageError("dataset name 'images' would collide with the exported image folder; choose another")
-    out_root = Path(out_root)
+    out_root = check_out_root(Path(out_root))
+    folder = out_root / dataset_name
+    # Every check before the first write: a refused export leaves the target as it was.
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: exists and is not a folder; move it away or choose another --corpus/--out-dir")
+    problem = _refer_target_problem(folder)
+    if problem is not None and not force:
+        raise UsageError(f"{problem}; {FORCE_HINT}")
+    plan = plan_images(ds, out_root / "images") if copy_image_files else None
+    if plan is not None:
+        check_images(plan, force)
+
     cat_id = {c: i + 1 for i, c in enumerate(ds.categories)}
     images = [{"id": im.id, "file_name": im.file, "width": im.width, "height": im.height,
                "refground": {"split": im.split}} for im in ds.images()]
@@ -446,26 +505,40 @@ def export_refer(
     refs = _refs_of(ds, rows)
     cat_of = {int(i): ds.categories[int(c)] for i, c in zip(ds.object_ids, ds.object_categories)}
     for ref in refs:
+        if ref["split"] not in REF_SPLITS:  # import_refer would refuse the file
+            raise DataError(f"dataset {ds.name}: query {ref['first']} has split {ref['split']!r}, which the refer "
+                            f"format cannot hold (expected one of: {', '.join(REF_SPLITS)})")
         ref.pop("first")
         ref["category_id"] = cat_id[cat_of[ref["ann_id"]]]
         stem, suffix = os.path.splitext(ds.image(ref["image_id"]).file)
         ref["file_name"] = f"{os.path.basename(stem)}_{ref['ann_id']}{suffix}"
         ref["sent_ids"] = [s["sent_id"] for s in ref["sentences"]]
 
-    folder = out_root / dataset_name
-    with atomic_dir(folder) as stage:
-        with open(stage / INSTANCES, "w") as fh:
+    def write(directory: Path) -> None:
+        # instances.json starts with the "info" key: _is_exported_instances recognises it by those bytes.
+        with atomic_file(directory / INSTANCES, "w") as fh:
             json.dump({"info": {"description": f"exported by refground from dataset {ds.name}"},
                        "images": images, "annotations": annotations, "categories": categories}, fh,
                       separators=(",", ":"))
-        with open(stage / refs_filename(split_by), "wb") as fh:
+        with atomic_file(directory / refs_filename(split_by), "wb") as fh:
             pickle.dump(refs, fh, protocol=2)
-    copied, missing = copy_images(ds, out_root / "images") if copy_image_files else (0, ds.num_images)
+
+    if folder.exists():
+        from refground.cache.lock import artifact_lock
+
+        with artifact_lock(folder):
+            write(folder)
+    else:
+        with atomic_dir(folder, lock=False) as stage:  # outside the cache: no lock file litter
+            write(stage)
+    copied, missing = copy_images(ds, out_root / "images", force, plan) if plan is not None else (0, ds.num_images)
     notes = []
     if n_captions:
         notes.append(f"{n_captions} caption queries skipped (the refer format holds referring expressions only)")
     if missing:
         notes.append(f"{missing} image files not found under the dataset's image root, not copied")
+    if problem is not None:
+        notes.append(f"--force: wrote {INSTANCES} and {refs_filename(split_by)} into {folder}, kept its other files")
     return {"format": "refer", "out": str(folder), "images": ds.num_images, "objects": ds.num_objects,
             "refs": len(refs), "sentences": int(len(rows)), "skipped_captions": n_captions,
             "images_copied": copied, "images_missing": missing, "notes": notes}

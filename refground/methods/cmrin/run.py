@@ -11,6 +11,7 @@ Run folder ``<cache>/<dataset>/runs/cmrin/<name>/`` (:mod:`refground.train`) plu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -120,49 +121,50 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
               "seed": int(seed), "features": features, "train_split": "train", "select_split": "val"}
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        "graph": parent("artifact", g_path)}, kind="runs/cmrin")
-    result = spec.start(name, force)
-    if result["cache_hit"]:
-        result["seconds"] = round(time.perf_counter() - t_start, 3)
+    with spec.lock():  # one writer per run folder, from the cache-hit check to the complete manifest
+        result = spec.start(name, force)
+        if result["cache_hit"]:
+            result["seconds"] = round(time.perf_counter() - t_start, 3)
+            return result
+        ds = load_dataset(ds_dir)
+        cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
+        vocab = Vocabulary.of_split(ds, "train", config.min_word_count)
+        train_q = encode_queries(ds, "train", vocab)
+        val_q = encode_queries(ds, "val", vocab)
+        usable = single_referent_rows(train_q, dataset)
+        config.vocab_size, config.visual_dim = len(vocab), cands.feature_dim
+        state = spec.begin(config.to_dict(), vocab, resume, force)
+
+        torch.manual_seed(seed)
+        model = CMRIN(config)
+        model.set_feature_stats(*feature_stats(cands, np.unique(train_q.image_rows)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        val_ok = val_q.targets >= 0
+
+        def batches(rng: np.random.Generator) -> list[np.ndarray]:
+            perm = usable[rng.permutation(len(usable))]
+            return [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
+
+        h_words, v_words = flip_word_map(vocab, HFLIP_WORDS), flip_word_map(vocab, VFLIP_WORDS)
+
+        def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+            flips = None
+            if config.flip_augment:
+                coins = (torch.rand(len(rows), 2, generator=gen) < 0.5).numpy()
+                flips = Flips(coins[:, 0], coins[:, 1], h_words, v_words)
+            b = make_batch(train_q, cands, rows, flips)
+            return triplet_loss(model(**b.inputs())["scores"], b.targets, config.margin, gen), len(rows)
+
+        def evaluate() -> dict[str, Any]:
+            hits = _gt_hits(model, val_q, cands)[val_ok]
+            kinds = [val_q.kinds[i] for i in np.flatnonzero(val_ok)]
+            return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, kinds).items()}
+
+        fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
+                 evaluate=evaluate, select="val_precision@1", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state, description="train cmrin")
+        metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
+        result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
         return result
-    ds = load_dataset(ds_dir)
-    cands = load_candidates(ds, f_path, "gt", graph_file=g_path)
-    vocab = Vocabulary.of_split(ds, "train", config.min_word_count)
-    train_q = encode_queries(ds, "train", vocab)
-    val_q = encode_queries(ds, "val", vocab)
-    usable = single_referent_rows(train_q, dataset)
-    config.vocab_size, config.visual_dim = len(vocab), cands.feature_dim
-    state = spec.begin(config.to_dict(), vocab, resume, force)
-
-    torch.manual_seed(seed)
-    model = CMRIN(config)
-    model.set_feature_stats(*feature_stats(cands, np.unique(train_q.image_rows)))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    val_ok = val_q.targets >= 0
-
-    def batches(rng: np.random.Generator) -> list[np.ndarray]:
-        perm = usable[rng.permutation(len(usable))]
-        return [perm[i:i + config.batch_size] for i in range(0, len(perm), config.batch_size)]
-
-    h_words, v_words = flip_word_map(vocab, HFLIP_WORDS), flip_word_map(vocab, VFLIP_WORDS)
-
-    def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        flips = None
-        if config.flip_augment:
-            coins = (torch.rand(len(rows), 2, generator=gen) < 0.5).numpy()
-            flips = Flips(coins[:, 0], coins[:, 1], h_words, v_words)
-        b = make_batch(train_q, cands, rows, flips)
-        return triplet_loss(model(**b.inputs())["scores"], b.targets, config.margin, gen), len(rows)
-
-    def evaluate() -> dict[str, Any]:
-        hits = _gt_hits(model, val_q, cands)[val_ok]
-        kinds = [val_q.kinds[i] for i in np.flatnonzero(val_ok)]
-        return {f"val_{k}": round(v, 5) for k, v in precision_by_kind(hits, kinds).items()}
-
-    fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
-             evaluate=evaluate, select="val_precision@1", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state, description="train cmrin")
-    metrics = {"split": "val", "candidates": "gt", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
-    result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
-    return result
 
 
 def predictions_path(run: Path, split: str, spec: CandidateSpec) -> Path:
@@ -183,9 +185,7 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     per-image candidate set are loaded once, and only when some predictions file is missing or stale.
     Candidates come through the shared interface (:func:`refground.grounding.candidates.candidates_for`):
     ground-truth objects, the detector's proposals, or any query-aware proposal set."""
-    from refground.cache import current_extra, current_fingerprint
     from refground.cache.manifest import parent_fingerprints
-    from refground.eval.predictions import write_predictions
 
     out = run_dir(dataset, cache, name)
     m = complete_run(out, "cmrin")
@@ -193,10 +193,26 @@ def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str
     parents = {"run": parent("file", out / MODEL_FILE), "features": parent("artifact", f_path),
                "graph": parent("artifact", g_path), "dataset": parent("dataset", ds_dir)}
     parent_fps = parent_fingerprints(parents)
+    # Each predictions file is written by one process at a time: its lock is held from its cache-hit check to
+    # its manifest (a second `eval` of the same run and split is refused, not raced).
+    with contextlib.ExitStack() as locks:
+        return _predict_locked(locks, dataset, cache, out, jobs, force, ds_dir, f_path, g_path, parents, parent_fps)
+
+
+def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, out: Path,
+                    jobs: list[tuple[str, CandidateSpec]], force: bool, ds_dir: Path, f_path: Path, g_path: Path,
+                    parents: dict[str, Any], parent_fps: dict[str, str]) -> list[dict[str, Any]]:
+    """:func:`predict_cmrin_many` after the inputs are checked; takes each predictions file's lock into
+    ``locks`` before looking at it."""
+    from refground.cache import current_extra, current_fingerprint
+    from refground.cache.lock import artifact_lock
+    from refground.eval.predictions import write_predictions
+
     results: list[dict[str, Any]] = []
     todo = []
     for split, spec in jobs:
         path = predictions_path(out, split, spec)
+        locks.enter_context(artifact_lock(path))
         params = {"split": split, "source": spec.key, "top_n": int(spec.top_n) if spec.source != "gt" else 0}
         p_path = spec.proposals_file(dataset, cache, split)
         if p_path is not None:

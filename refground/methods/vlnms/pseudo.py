@@ -303,37 +303,41 @@ def build_pseudo_vlnms(dataset: str, cache: Any = None, gamma: float = 0.4, word
         pseudo = read_pseudo(out)
         status = "hit"
     else:
-        t1 = time.perf_counter()
-        extractor = noun_extractor(ds, parser)
-        if word_vectors is not None:
-            from refground.text.wordvec import load_glove
+        from refground.cache.lock import artifact_lock
 
-            # Only the words the similarity needs: category words and the split's nouns (memoised, so
-            # pseudo_contexts does not extract them twice).
-            memo: dict[str, list[str]] = {}
-            base = extractor
+        # One writer: a second run of this step while this one writes is refused, not raced.
+        with artifact_lock(out):
+            t1 = time.perf_counter()
+            extractor = noun_extractor(ds, parser)
+            if word_vectors is not None:
+                from refground.text.wordvec import load_glove
 
-            def extractor(text: str) -> list[str]:
-                if text not in memo:
-                    memo[text] = base(text)
-                return memo[text]
+                # Only the words the similarity needs: category words and the split's nouns (memoised, so
+                # pseudo_contexts does not extract them twice).
+                memo: dict[str, list[str]] = {}
+                base = extractor
 
-            needed = {w for c in ds.categories for w in c.lower().replace("_", " ").split()}
-            for k in ds.query_rows(split, task="expression").tolist():
-                needed.update(w for noun in extractor(ds.query_texts[k]) for w in noun.split())
-            vectors = load_glove(word_vectors, restrict_to=needed)
-        else:
-            from refground.text.wordvec import toolkit_vectors
+                def extractor(text: str) -> list[str]:
+                    if text not in memo:
+                        memo[text] = base(text)
+                    return memo[text]
 
-            vectors = toolkit_vectors(ds, dim=dim, seed=seed)
-        t2 = time.perf_counter()
-        pseudo = pseudo_contexts(ds, vectors, gamma, parser, split, extractor=extractor)
-        t3 = time.perf_counter()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_pseudo(out, pseudo, {"gamma": float(gamma), "parser": parser, "split": split,
-                                   "vectors": vectors.identity, "dim": vectors.dim})
-        write_manifest(out, step=PSEUDO_STEP, params=params, parents=parents, fingerprint=fp, kind="pseudo",
-                       extra={"queries": len(pseudo), "contexts": int(len(pseudo.object_ids))})
+                needed = {w for c in ds.categories for w in c.lower().replace("_", " ").split()}
+                for k in ds.query_rows(split, task="expression").tolist():
+                    needed.update(w for noun in extractor(ds.query_texts[k]) for w in noun.split())
+                vectors = load_glove(word_vectors, restrict_to=needed)
+            else:
+                from refground.text.wordvec import toolkit_vectors
+
+                vectors = toolkit_vectors(ds, dim=dim, seed=seed)
+            t2 = time.perf_counter()
+            pseudo = pseudo_contexts(ds, vectors, gamma, parser, split, extractor=extractor)
+            t3 = time.perf_counter()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_pseudo(out, pseudo, {"gamma": float(gamma), "parser": parser, "split": split,
+                                       "vectors": vectors.identity, "dim": vectors.dim})
+            write_manifest(out, step=PSEUDO_STEP, params=params, parents=parents, fingerprint=fp, kind="pseudo",
+                           extra={"queries": len(pseudo), "contexts": int(len(pseudo.object_ids))})
         status = "written"
         timing = {"seconds_vectors": round(t2 - t1, 3), "seconds_contexts": round(t3 - t2, 3)}
     result = evaluate_pseudo(ds, pseudo)

@@ -19,6 +19,7 @@ Table 1. Proposal sets are written as ``<cache>/<dataset>/vlnms/<tag>/<split>.h5
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
 from refground.features.pipeline import features_path
-from refground.grounding.candidates import feature_stats, query_proposals_path
+from refground.grounding.candidates import check_finite, extract_command, feature_stats, query_proposals_path
 from refground.grounding.queries import QueryTable, encode_queries, single_referent_rows
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
@@ -127,6 +128,8 @@ def load_detections(ds: Dataset, features_file: Path) -> DetectionSet:
         threshold = float(f.attr("detection_threshold", 0.0) or 0.0)
     offsets, boxes = raw.offsets, raw.boxes.astype(np.float32)
     scores, labels, features = raw.scores.astype(np.float32), raw.labels.astype(np.int64), raw.features
+    check_finite(features_file, extract_command(features_file), detections_features=features,
+                 detections_boxes=boxes, detections_scores=scores)
     obj_off = ds.image_object_offsets.astype(np.int64)
     obj_boxes = ds.object_boxes.astype(np.float32)
     a, b, iou_off = _pair_index(offsets, obj_off)
@@ -472,45 +475,46 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
               "train_split": "train", "select_split": "val"}
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        **pseudo_parent}, kind="runs/vlnms")
-    result = spec.start(name, force)
-    if result["cache_hit"]:
-        result["seconds"] = round(time.perf_counter() - t_start, 3)
+    with spec.lock():  # one writer per run folder, from the cache-hit check to the complete manifest
+        result = spec.start(name, force)
+        if result["cache_hit"]:
+            result["seconds"] = round(time.perf_counter() - t_start, 3)
+            return result
+        ds = load_dataset(ds_dir)
+        dets = load_detections(ds, f_path)
+        vocab = Vocabulary.of_split(ds, "train", MIN_WORD_COUNT)
+        train_q = encode_vlnms_queries(ds, "train", vocab, pseudo_map, config.max_words)
+        val_q = encode_vlnms_queries(ds, "val", vocab, None, config.max_words)
+        usable = single_referent_rows(train_q.table, dataset)
+        config.vocab_size, config.visual_dim = len(vocab), dets.feature_dim
+        state = spec.begin(config.to_dict(), vocab, resume, force)
+
+        torch.manual_seed(seed)
+        model = build_relatedness(config)
+        model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows), STATS_ROWS))
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+
+        set_sizes = dets.counts()[train_q.table.image_rows]
+
+        def batches(rng: np.random.Generator) -> list[np.ndarray]:
+            return bucket_batches(usable, set_sizes[usable], config.batch_size, rng)
+
+        def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
+            model.train()
+            b = make_vlnms_batch(train_q, dets, rows, config.box_coder_weights)
+            out_ = model(**b.inputs())
+            return vlnms_loss(out_, b.labels, b.rho, b.targets, b.box_mask, config)["loss"], len(rows)
+
+        def evaluate() -> dict[str, Any]:
+            props = apply_vlnms(model, val_q, dets, nms_threshold, top_n=max(RECALL_NS))
+            return {f"val_{k}": round(v, 5) for k, v in recall_of(props, val_q, ds).items()}
+
+        fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
+                 evaluate=evaluate, select="val_recall@10", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state,
+                 description=f"train vlnms ({config.variant}, {config.loss})")
+        metrics = {"split": "val", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
+        result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
         return result
-    ds = load_dataset(ds_dir)
-    dets = load_detections(ds, f_path)
-    vocab = Vocabulary.of_split(ds, "train", MIN_WORD_COUNT)
-    train_q = encode_vlnms_queries(ds, "train", vocab, pseudo_map, config.max_words)
-    val_q = encode_vlnms_queries(ds, "val", vocab, None, config.max_words)
-    usable = single_referent_rows(train_q.table, dataset)
-    config.vocab_size, config.visual_dim = len(vocab), dets.feature_dim
-    state = spec.begin(config.to_dict(), vocab, resume, force)
-
-    torch.manual_seed(seed)
-    model = build_relatedness(config)
-    model.set_feature_stats(*feature_stats(dets, np.unique(train_q.table.image_rows), STATS_ROWS))
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-
-    set_sizes = dets.counts()[train_q.table.image_rows]
-
-    def batches(rng: np.random.Generator) -> list[np.ndarray]:
-        return bucket_batches(usable, set_sizes[usable], config.batch_size, rng)
-
-    def train_step(rows: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, int]:
-        model.train()
-        b = make_vlnms_batch(train_q, dets, rows, config.box_coder_weights)
-        out_ = model(**b.inputs())
-        return vlnms_loss(out_, b.labels, b.rho, b.targets, b.box_mask, config)["loss"], len(rows)
-
-    def evaluate() -> dict[str, Any]:
-        props = apply_vlnms(model, val_q, dets, nms_threshold, top_n=max(RECALL_NS))
-        return {f"val_{k}": round(v, 5) for k, v in recall_of(props, val_q, ds).items()}
-
-    fr = fit(model, optimizer, spec, epochs=config.epochs, seed=seed, batches=batches, train_step=train_step,
-             evaluate=evaluate, select="val_recall@10", lr_at=step_decay(config.lr, config.lr_decay_epochs), state=state,
-             description=f"train vlnms ({config.variant}, {config.loss})")
-    metrics = {"split": "val", "best_epoch": fr.best_epoch, **best_epoch_figures(fr)}
-    result.update(spec.finish(fr, config.epochs, len(usable), metrics), seconds=round(time.perf_counter() - t_start, 3))
-    return result
 
 
 # ------------------------------------------------------------------------------ proposals files
@@ -567,9 +571,25 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
     params = {"top_n": int(top_n), "nms_threshold": float(nms_threshold), "class_agnostic": bool(class_agnostic)}
     if min_confidence:  # recorded only when set, so proposals written before the option stay current
         params["min_confidence"] = float(min_confidence)
+    # Each proposal set is written by one process at a time: its lock is held from its cache-hit check to its
+    # manifest (a second `refground vlnms` of the same tag and split is refused, not raced).
+    with contextlib.ExitStack() as locks:
+        return _run_vlnms_locked(locks, dataset, cache, run, splits, tag, params, parents, parent_fps, ds_dir,
+                                 f_path, top_n, nms_threshold, class_agnostic, min_confidence, force)
+
+
+def _run_vlnms_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, run: str | None,
+                      splits: tuple[str, ...], tag: str, params: dict[str, Any], parents: dict[str, Any],
+                      parent_fps: dict[str, str], ds_dir: Path, f_path: Path, top_n: int, nms_threshold: float,
+                      class_agnostic: bool, min_confidence: float, force: bool) -> list[dict[str, Any]]:
+    """:func:`run_vlnms` once its inputs are checked; takes each proposal set's lock into ``locks`` before
+    looking at it."""
+    from refground.cache.lock import artifact_lock
+
     results, todo = [], []
     for split in splits:
         path = proposals_path(dataset, cache, tag, split)
+        locks.enter_context(artifact_lock(path))
         fp = make_fingerprint(APPLY_STEP, {**params, "split": split}, parent_fps)
         res = {"split": split, "tag": tag, "path": str(path), "status": "hit"}
         results.append(res)
