@@ -16,7 +16,7 @@ Usage::
 
 ``--epochs`` overrides only the number of epochs (the default config trains 10, about 1.5 to 3 minutes each on
 a shared 2-core machine; the script trains 4 times plus the killed parts, so ``--epochs 3`` takes about
-30 minutes). Logs go to
+20 minutes). Logs go to
 ``<cache>/synth/report/kill_resume/``.
 """
 

@@ -214,8 +214,8 @@ class Manifest:
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # The folder the manifest was read from: relative parent paths and ``files`` names resolve against it.
-    # (read_manifest_of resolves relative parent paths against it, so ``parents`` hold usable paths).
+    # The folder the manifest was read from. ``files`` names resolve against it, and read_manifest_of resolves
+    # relative parent paths against it, so ``parents`` always hold usable paths.
     base: str = field(default="", compare=False)
 
     def to_json(self) -> str:
