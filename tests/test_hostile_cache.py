@@ -283,3 +283,21 @@ def test_cache_option_naming_a_file_is_a_usage_error(tmp_path, capsys):
     for args in (["cache", "ls"], ["graph"], ["data", "synth", *SYNTH]):
         msg = fail(capsys, *args, "--cache", str(f))
         assert "notadir" in msg and "not a folder" in msg
+
+
+def test_query_proposal_sets_are_listed_and_verified(cache):
+    """`vlnms/<tag>/<split>.h5` proposal sets were not listed, so `cache verify` never checked them."""
+    from refground.cache import write_h5
+
+    path = cache / "synth" / "vlnms" / "fc-bce" / "val.h5"
+    path.parent.mkdir(parents=True)
+    write_h5(path, [{"images.ids": np.arange(4)}], {"format": "test"})
+    write_manifest(path, step="vlnms@1", params={}, parents={}, fingerprint="fp", kind="vlnms")
+    (path.parent / "val.jsonl").write_text("{}\n")  # the eval copy beside it: not an artifact
+    entries = {(e.kind, e.name): e for e in verify(cache)}
+    assert entries[("vlnms/fc-bce", "val.h5")].status == "complete"
+    assert not any(name.endswith(".jsonl") for _, name in entries)
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    entry = _statuses(cache)[("vlnms/fc-bce", "val.h5")]
+    assert entry.status == "damaged" and "val.h5" in entry.problems[0]
