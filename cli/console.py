@@ -17,7 +17,7 @@ from rich.table import Table
 
 from refground import progress
 from refground.atomic import atomic_file
-from refground.errors import UsageError
+from refground.errors import UsageError, check_parent_folders
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -114,11 +114,7 @@ def check_out_file(path: Path, *, inputs: Sequence[Path | None] = (), ours: Call
     if path.is_dir():
         example = path / ("out" + (suffixes[0] if suffixes else ".json"))
         raise UsageError(f"{path}: is a folder; {option} must name a file (e.g. {example})")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{path}: {parent} is a file, not a folder; choose another {option}")
-            break
+    check_parent_folders(path, option)
     if suffixes and path.suffix.lower() not in suffixes:
         raise UsageError(f"{path}: {option} must end in {' or '.join(suffixes)} (this command writes only that)")
     if not (path.exists() or path.is_symlink()):

@@ -63,6 +63,19 @@ class Terminated(KeyboardInterrupt):
     are removed and the writer's locks released (a plain SIGTERM would kill the process where it stands)."""
 
 
+def _default_sigterm_in_child() -> None:
+    """A forked worker (``data synth``'s pool) must die on SIGTERM as before, not unwind the parent's command:
+    it gets the default action back (the forking thread is the child's main thread, so this may set it)."""
+    if getattr(signal.getsignal(signal.SIGTERM), "__qualname__", "").startswith(_sigterm_unwinds.__qualname__):
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except ValueError:
+            pass
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[list[bool]]:
     """While the block runs, SIGTERM raises :class:`Terminated` (main thread only; the previous handler is
@@ -72,13 +85,7 @@ def _sigterm_unwinds() -> Iterator[list[bool]]:
         yield seen
         return
 
-    pid = os.getpid()
-
     def handler(signum, frame):
-        if os.getpid() != pid:  # a forked worker inherited the handler: die as SIGTERM means
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
         seen[0] = True
         raise Terminated()
 

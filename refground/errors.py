@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 
@@ -42,3 +43,13 @@ def check_known_fields(cls: type, d: Mapping[str, Any], what: str) -> None:
     unknown = sorted(set(d) - {f.name for f in fields(cls)})
     if unknown:
         raise UsageError(f"unknown {what} field(s): {', '.join(unknown)}")
+
+
+def check_parent_folders(path: Path, option: str) -> None:
+    """UsageError when the nearest existing ancestor of ``path`` is a file, not a folder (``path`` could never be
+    written there); ``option`` names the option that gave it (``--out``, ``--out-dir``)."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{path}: {parent} is a file, not a folder; choose another {option}")
+            return

@@ -38,6 +38,7 @@ import torch
 
 from refground.atomic import atomic_file
 from refground.cache import fingerprint, is_current, write_manifest
+from refground.cache.listing import retrain_command
 from refground.cache.manifest import Parent, parent_fingerprints, read_manifest_of
 from refground.errors import ArtifactError, UsageError
 from refground.progress import track
@@ -78,16 +79,6 @@ def write_json(path: Path, obj: Any) -> None:
 
 class NonFiniteLossError(ArtifactError):
     """The training loss became NaN or Inf: damaged inputs, or a learning rate too high (exit 2)."""
-
-
-def retrain_command(run: Path) -> str:
-    """``refground train <method> --run <name> --force`` for the run folder ``run``
-    (``<cache>/<dataset>/runs/<method>/<name>``): the command that rewrites it from scratch."""
-    run = Path(run)
-    method = run.parent.name if run.parent.parent.name == "runs" else "<method>"
-    dataset = run.parent.parent.parent.name
-    where = f" --dataset {dataset}" if method != "<method>" and dataset not in ("", "synth") else ""
-    return f"refground train {method}{where} --run {run.name} --force"
 
 
 def load_weights(path: Path, remedy: str | None = None) -> dict[str, Any]:
@@ -326,11 +317,10 @@ class RunSpec:
         return {"cache_hit": True, "metrics": read_json(self.out_dir / METRICS_FILE) or {}, **extra}
 
     def begin(self, config: dict[str, Any], vocab: Any, resume: bool, force: bool) -> dict[str, Any] | None:
-        """Open the run folder for training: refuse to overwrite a complete run of other settings without
-        ``force`` (:meth:`check_overwrite`), mark it incomplete, write config.json and, where the method has
-        a vocabulary (``vocab`` not None), vocab.json; returns the checkpoint to resume from (None for a fresh
-        start, or with ``force`` / without ``resume``). Call it holding :meth:`lock`."""
-        self.check_overwrite(force)
+        """Open the run folder for training (after :meth:`start`, which refused a complete run of other settings):
+        mark it incomplete, write config.json and, where the method has a vocabulary (``vocab`` not None),
+        vocab.json; returns the checkpoint to resume from (None for a fresh start, or with ``force`` / without
+        ``resume``). Call it holding :meth:`lock`."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = self.resumable_state() if resume and not force else None
         self.mark(complete=False)

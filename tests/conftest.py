@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,25 @@ def run_json(capsys, *args) -> dict:
     out = capsys.readouterr()
     assert rc == 0, out.err
     return json.loads(out.out)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(artifact: Path) -> Iterator[None]:
+    """Another live process holding the writer's lock of ``artifact`` (``refground.cache.lock.artifact_lock``)
+    for the block: a running job, as a second writer or ``cache verify --sweep`` sees it."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom refground.cache.lock import artifact_lock\n"
+            f"with artifact_lock({str(artifact)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
 
 
 def fail(capsys, *args) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import fail, run_json
+from conftest import fail, lock_held_elsewhere, run_json
 from refground.cache import fingerprint, is_current, read_manifest_of, write_manifest
 from refground.cache.listing import verify
 from refground.cache.lock import artifact_lock, lock_path
@@ -36,15 +36,6 @@ def cache(tmp_path, synth_cache) -> Path:
 
 def _statuses(root: Path) -> dict[tuple[str, str], object]:
     return {(e.kind, e.name): e for e in verify(root)}
-
-
-def _hold_lock(artifact: Path) -> subprocess.Popen:
-    """A second process holding the writer's lock of ``artifact`` until killed (a live job)."""
-    code = ("import sys, time\nfrom refground.cache.lock import artifact_lock\n"
-            f"with artifact_lock({str(artifact)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
 
 
 # ------------------------------------------------------------------------------ case 7a/7b: edited datasets
@@ -210,13 +201,9 @@ def test_sweep_leaves_a_live_jobs_folder_and_deletes_a_dead_ones(cache):
     final.parent.mkdir(parents=True)
     live = final.with_name(".gt.h5.tmp-0123abcd")
     live.write_bytes(b"half")
-    holder = _hold_lock(final)
-    try:
+    with lock_held_elsewhere(final):
         entry = {e.name: e for e in verify(cache, sweep=True)}[live.name]
         assert entry.status == "in use" and live.exists()  # before: deleted under the running job
-    finally:
-        holder.kill()
-        holder.wait()
     verify(cache, sweep=True)
     assert not live.exists()
 
@@ -232,20 +219,12 @@ def test_sweep_puts_back_the_only_copy_left_between_two_renames(cache, capsys):
 
 
 def test_second_writer_of_an_artifact_is_refused(cache, capsys):
-    holder = _hold_lock(cache / "synth" / "graph" / "gt.h5")
-    try:
+    with lock_held_elsewhere(cache / "synth" / "graph" / "gt.h5"):
         msg = fail(capsys, "graph", "--cache", str(cache), "--features", "")
         assert "another process is writing it" in msg and "gt.h5" in msg
-        holder2 = _hold_lock(dataset_dir("synth", cache))
-        try:
-            msg = fail(capsys, "data", "synth", "--cache", str(cache), "--force", *SYNTH)
-            assert "another process is writing it" in msg
-        finally:
-            holder2.kill()
-            holder2.wait()
-    finally:
-        holder.kill()
-        holder.wait()
+    with lock_held_elsewhere(dataset_dir("synth", cache)):
+        msg = fail(capsys, "data", "synth", "--cache", str(cache), "--force", *SYNTH)
+        assert "another process is writing it" in msg
     _graph(cache, capsys)
 
 
@@ -283,6 +262,8 @@ def test_cache_option_naming_a_file_is_a_usage_error(tmp_path, capsys):
     for args in (["cache", "ls"], ["graph"], ["data", "synth", *SYNTH]):
         msg = fail(capsys, *args, "--cache", str(f))
         assert "notadir" in msg and "not a folder" in msg
+        msg = fail(capsys, *args, "--cache", str(f / "sub"))  # a folder under a file: was NotADirectoryError
+        assert "notadir is a file, not a folder" in msg
 
 
 def test_query_proposal_sets_are_listed_and_verified(cache):

@@ -12,14 +12,12 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import fail, run_json
+from conftest import fail, lock_held_elsewhere, run_json
 from fake_sources import FakeSource
 from refground.cache import ChunkedJob, Shard, read_manifest_of
 from refground.cache.chunks import partial_dir, rebuild_pending
@@ -55,21 +53,6 @@ def drop_features(root: Path) -> Path:
     feats.unlink()
     feats.with_name(feats.name + ".manifest.json").unlink()
     return feats
-
-
-@contextmanager
-def held(lock_of: Path) -> Iterator[None]:
-    """Another live process holding ``artifact_lock(lock_of)`` for the block (a running job)."""
-    code = ("import sys, time\nfrom refground.cache.lock import artifact_lock\n"
-            f"with artifact_lock({str(lock_of)!r}):\n    print('held', flush=True)\n    time.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "held"
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
 
 
 # ----------------------------------------------------------------- case 5: forced shards over a complete artifact
@@ -248,12 +231,12 @@ def test_other_thread_count_is_another_artifact_state(cache, capsys):
 def test_second_run_of_the_same_chunks_is_refused(cache, capsys):
     c = str(cache)
     partial = partial_dir(cache.joinpath(*FEATS))
-    with held(partial / "shard-1-of-1"):  # a whole run is under way
+    with lock_held_elsewhere(partial / "shard-1-of-1"):  # a whole run is under way
         err = fail(capsys, "extract", "--cache", c, *OPTS, "--force")  # before: both ran, racing
         assert "another `refground extract` is writing it now" in err
         err = fail(capsys, "extract", "--cache", c, *OPTS, "--force", "--shard", "2/2")
         assert "`refground extract` is writing it now and its chunks overlap `refground extract --shard 2/2`'s" in err
-    with held(partial / "shard-2-of-2"):
+    with lock_held_elsewhere(partial / "shard-2-of-2"):
         err = fail(capsys, "extract", "--cache", c, *OPTS, "--force", "--shard", "2/2")
         assert "another `refground extract --shard 2/2` is writing it now" in err
         # Shards of one split run side by side: that is what --shard is for.
@@ -271,7 +254,7 @@ def test_assembly_holds_the_artifact_lock(cache, capsys):
     c = str(cache)
     feats = drop_features(cache)
     run_json(capsys, "extract", "--cache", c, *OPTS, "--shard", "1/2")
-    with held(feats):  # another process is writing the artifact itself
+    with lock_held_elsewhere(feats):  # another process is writing the artifact itself
         res = run_json(capsys, "extract", "--cache", c, *OPTS, "--shard", "2/2")
         assert res["artifacts"]["features"]["status"] == "pending"  # all chunks there, assembly left alone
         err = fail(capsys, "extract", "merge", "--cache", c)

@@ -10,8 +10,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CMRIN, fail, run_json
+from conftest import TINY_CMRIN, fail, lock_held_elsewhere, run_json
 from refground import progress
 from refground.errors import ArtifactError
 from refground.methods.cmrin.model import CMRINConfig
@@ -326,19 +324,6 @@ def test_truncated_weights_with_content_record_are_retrained_by_the_advised_comm
 
 
 # ----------------------------------------------------------------------------------- 11f: one writer
-def _hold_lock(artifact: Path) -> subprocess.Popen:
-    """Another process holding the writer's lock of ``artifact`` until killed."""
-    from refground.cache.lock import lock_path
-
-    lock = lock_path(artifact)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    code = ("import sys, time\nfrom filelock import FileLock\nlock = FileLock(sys.argv[1])\nlock.acquire()\n"
-            "print('locked', flush=True)\ntime.sleep(120)\n")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "locked"
-    return proc
-
-
 def test_training_and_predicting_refuse_a_locked_artifact(cache, tiny_cfg, capsys):
     from refground.cache.lock import is_locked
     from refground.grounding.candidates import CandidateSpec
@@ -346,26 +331,18 @@ def test_training_and_predicting_refuse_a_locked_artifact(cache, tiny_cfg, capsy
 
     args = ["train", "cmrin", "--cache", str(cache), "--config", str(tiny_cfg), "--run", "R"]
     run = run_dir("synth", cache, "R")
-    proc = _hold_lock(run)
-    try:
+    with lock_held_elsewhere(run):
         err = fail(capsys, *args)
         assert str(run) in err and "another process is writing it" in err
         assert not (run / "manifest.json").exists()  # refused before writing anything
-    finally:
-        proc.kill()
-        proc.wait()
     run_json(capsys, *args)
     assert not is_locked(run)  # released after training
 
     path = predictions_path(run, "val", CandidateSpec())
-    proc = _hold_lock(path)
-    try:
+    with lock_held_elsewhere(path):
         err = fail(capsys, "eval", "--method", "cmrin", "--run", "R", "--cache", str(cache), "--split", "val")
         assert str(path) in err and "another process is writing it" in err
         assert not path.exists()
-    finally:
-        proc.kill()
-        proc.wait()
     run_json(capsys, "eval", "--method", "cmrin", "--run", "R", "--cache", str(cache), "--split", "val")
     assert path.is_file() and not is_locked(path)
 
@@ -377,3 +354,20 @@ def test_training_lock_is_released_on_error(cache):
     with pytest.raises(ArtifactError):  # refused, inside the lock: a finished run of other settings
         train_cmrin("synth", cache, "R", CMRINConfig(**{**TINY_CMRIN, "lr": 0.001}), seed=0)
     assert not is_locked(run_dir("synth", cache, "R"))
+
+
+def test_finished_detector_run_of_other_settings_is_refused(tmp_path, synth_ds, synth_cache, torch_one_thread):
+    """The detector goes through the same RunSpec.start as the methods: its finished run is not retrained
+    in place with other settings either."""
+    from refground.features.detector_train import train_detector
+    from test_detector import tiny_config
+
+    run = tmp_path / "synth" / "runs" / "detector" / "d"
+    ds_dir = synth_cache / "synth" / "dataset"
+    train_detector(synth_ds, run, tiny_config(epochs=1), seed=0, dataset_dir=ds_dir, evaluate=False)
+    before = (run / MODEL_FILE).read_bytes()
+    with pytest.raises(ArtifactError, match="holds a finished detector run of other settings .*--force"):
+        train_detector(synth_ds, run, tiny_config(epochs=2), seed=0, dataset_dir=ds_dir, evaluate=False)
+    assert (run / MODEL_FILE).read_bytes() == before
+    hit = train_detector(synth_ds, run, tiny_config(epochs=1), seed=0, dataset_dir=ds_dir, evaluate=False)
+    assert hit["cache_hit"] and hit["epochs"] == 1

@@ -192,6 +192,18 @@ def _check_dataset(path: Path, deep: bool) -> list[str]:
         return [str(exc)]
 
 
+def retrain_command(run: Path, cache: Path | None = None) -> str:
+    """``refground train <method> --run <name> --force`` for the run folder ``run``
+    (``<cache>/<dataset>/runs/<method>/<name>``): the command that rewrites it from scratch (with ``--cache``
+    when given; ``--dataset`` unless it is the default one)."""
+    run = Path(run)
+    method = run.parent.name if run.parent.parent.name == "runs" else "<method>"
+    dataset = run.parent.parent.parent.name
+    where = f" --dataset {dataset}" if method != "<method>" and dataset not in ("", "synth") else ""
+    where += f" --cache {cache}" if cache is not None else ""
+    return f"refground train {method}{where} --run {run.name} --force"
+
+
 def remedy(e: Entry, root: Path) -> str:
     """The command that rewrites the artifact of entry ``e`` (a damaged or stale one) from its manifest."""
     where = f"--dataset {e.dataset} --cache {root}"
@@ -203,7 +215,7 @@ def remedy(e: Entry, root: Path) -> str:
         except ArtifactError:
             return f"refground data synth {where} --force"
     if e.kind.startswith("runs/"):
-        return f"refground train {e.kind[5:]} --run {e.name} {where} --force"
+        return retrain_command(e.path, root)
     m = read_manifest_of(e.path)
     step, params = (m.step, m.params) if m else ("", {})
     stem = Path(e.name).stem

@@ -30,7 +30,7 @@ from refground import __version__
 from refground.atomic import atomic_dir
 from refground.cache.manifest import content_problems, content_record
 from refground.data.model import Dataset
-from refground.errors import ArtifactError, DataError
+from refground.errors import ArtifactError, DataError, UsageError, check_parent_folders
 
 FORMAT = "refground-dataset"
 FORMAT_VERSION = 1
@@ -38,13 +38,12 @@ FORMAT_VERSION = 1
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
     """The artifact root: ``cache`` if given, else ``$REFGROUND_CACHE``, else ``./cache``. A path that names an
-    existing file (not a folder) is a one-line UsageError."""
+    existing file (not a folder), or lies under one, is a one-line UsageError."""
     root = Path(cache or os.environ.get("REFGROUND_CACHE") or "cache")
+    src = "--cache" if cache else ("$REFGROUND_CACHE" if os.environ.get("REFGROUND_CACHE") else "the cache root")
     if root.exists() and not root.is_dir():
-        from refground.errors import UsageError
-
-        src = "--cache" if cache else ("$REFGROUND_CACHE" if os.environ.get("REFGROUND_CACHE") else "the cache root")
         raise UsageError(f"{root}: {src} names a file, not a folder; pass --cache with a folder")
+    check_parent_folders(root, src)
     return root
 
 

@@ -385,15 +385,12 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
 def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int, resume: bool, force: bool,
                   evaluate: bool, t_start: float) -> dict[str, Any]:
     """:func:`train_detector` once the run folder's lock is held."""
-    result: dict[str, Any] = {"run": str(spec.out_dir), "fingerprint": spec.fingerprint, "cache_hit": False}
-    cached = None if force else spec.cached_summary()
-    if cached is not None:
-        result.update(cache_hit=True, epochs=config.epochs, resumed_from=config.epochs, metrics=cached["metrics"],
-                      seconds=round(time.perf_counter() - t_start, 3),
-                      **{k: cached.get(k) for k in ("train_seconds", "train_images_per_s", "load_seconds")})
+    result = spec.start(spec.out_dir.name, force)  # refuses a complete run of other settings
+    if result["cache_hit"]:
+        result.update(epochs=config.epochs, resumed_from=config.epochs, seconds=round(time.perf_counter() - t_start, 3))
         return result
 
-    state = spec.begin(config.to_dict(), None, resume, force)  # refuses a complete run of other settings
+    state = spec.begin(config.to_dict(), None, resume, force)
     torch.manual_seed(seed)
     model = DetectorModel(config)
     optimizer = _make_optimizer(model, config)

@@ -21,7 +21,7 @@ import torch
 
 from refground.cache import (Parent, RaggedH5, Shard, fingerprint, is_current, parent, partial_progress,
                              require)
-from refground.cache.chunks import rebuild_pending
+from refground.cache.chunks import partial_dir, rebuild_pending
 from refground.cache.manifest import parent_fingerprints
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
@@ -238,7 +238,7 @@ def _run_workers(args: dict[str, Any], workers: int, paths: list[Path], clip: st
     jobs = [{**args, "shard": f"{k + 1}/{workers}"} for k in range(workers)]
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         parts = pool.map(_worker, jobs)
-    if any(not Path(p).exists() or (Path(str(p) + ".partial")).exists() for p in paths):
+    if any(not Path(p).exists() or partial_dir(p).exists() for p in paths):
         merge(args["dataset"], args["cache"], clip=clip)
     return {"chunks_computed": sum(p["chunks_computed"] for p in parts),
             "images_computed": sum(p["images_computed"] for p in parts), "workers": workers}

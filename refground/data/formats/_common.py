@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from refground.data.model import Dataset
-from refground.errors import DataError, UsageError
+from refground.errors import DataError, UsageError, check_parent_folders
 
 # Real annotation tools leave boxes a fraction of a pixel past the border (float rounding in COCO
 # polygons); up to this many pixels outside the image a box is clipped to the image (and counted),
@@ -52,11 +52,7 @@ def check_out_root(out_root: Path) -> Path:
     out_root = Path(out_root)
     if out_root.exists() and not out_root.is_dir():
         raise UsageError(f"{out_root}: exists and is not a folder; --out-dir must name a folder (new or existing)")
-    for parent in out_root.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{out_root}: {parent} is a file, not a folder; choose another --out-dir")
-            break
+    check_parent_folders(out_root, "--out-dir")
     return out_root
 
 
