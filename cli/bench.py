@@ -12,6 +12,7 @@ from refground.cli.apps import app
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, JsonOpt, OutOpt, SeedOpt
 from refground.data.store import cache_root
+from refground.tables import FLOAT, RATIO, TEXT, format_value, unit_kind
 
 
 @app.command("bench")
@@ -32,9 +33,11 @@ def bench(
     results = run_benchmarks(list(names or []), quick=quick, seed=seed)
     payload = {"quick": quick, "seed": seed, "machine": platform.machine(), "python": platform.python_version(),
                "results": [r.as_dict() for r in results]}
-    rows = [(r.name, r.figure, r.unit, "-" if r.baseline is None else r.baseline,
-             "-" if r.ratio is None else f"{r.ratio:.1f}x") for r in results]
-    t = table("refground bench" + (" (quick)" if quick else ""), ["name", "figure", "unit", "baseline", "ratio"], rows)
+    # A row's figure and baseline are in its own unit: formatted here, by that unit's kind.
+    rows = [(r.name, format_value(r.figure, unit_kind(r.unit)), r.unit, format_value(r.baseline, unit_kind(r.unit)),
+             r.ratio) for r in results]
+    t = table("refground bench" + (" (quick)" if quick else ""), ["name", "figure", "unit", "baseline", "ratio"], rows,
+              [TEXT, FLOAT, TEXT, FLOAT, RATIO])
     emit(payload, as_json, [t], out or cache_root(cache) / "bench" / ("bench-quick.json" if quick else "bench.json"))
     if not as_json:  # notes are sentences: under the table, not squeezed into a column
         for r in results:

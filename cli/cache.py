@@ -11,22 +11,16 @@ from refground.cli.console import emit, table
 from refground.cli.options import CacheOpt, JsonOpt
 from refground.data.store import cache_root
 from refground.errors import ArtifactError
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from refground.tables import BYTES, SECONDS, TEXT, format_value
 
 
 def _rows(entries) -> list[tuple]:
-    return [(e.dataset, e.kind, e.name, e.status, _human(e.size), e.created, e.fingerprint[:12],
+    return [(e.dataset, e.kind, e.name, e.status, e.size, e.created, e.fingerprint[:12],
              "; ".join(e.problems) or e.detail) for e in entries]
 
 
 COLUMNS = ["dataset", "kind", "name", "status", "size", "created", "fingerprint", "detail"]
+KINDS = [TEXT, TEXT, TEXT, TEXT, BYTES, TEXT, TEXT, TEXT]  # "detail" may read "24 images": still text
 
 
 @cache_app.command("ls")
@@ -38,7 +32,7 @@ def ls(cache: CacheOpt = None, as_json: JsonOpt = False) -> None:
     root = cache_root(cache)
     entries = list_cache(root)
     emit({"root": str(root), "entries": [e.as_dict() for e in entries]}, as_json,
-         [table(f"cache {root}", COLUMNS, _rows(entries))])
+         [table(f"cache {root}", COLUMNS, _rows(entries), KINDS)])
 
 
 @cache_app.command("verify")
@@ -67,7 +61,8 @@ def verify(
            or (e.status == "leftover" and not sweep)]
     emit({"root": str(root), "ok": not bad, "deep": deep, "seconds": round(seconds, 3),
           "entries": [e.as_dict() for e in entries]}, as_json,
-         [table(f"cache {root} (checked in {seconds:.2f} s{', deep' if deep else ''})", COLUMNS, _rows(entries))])
+         [table(f"cache {root} (checked in {format_value(seconds, SECONDS)} s{', deep' if deep else ''})", COLUMNS,
+                _rows(entries), KINDS)])
     if bad:
         e = bad[0]
         raise ArtifactError(f"{len(bad)} problem(s); first: {e.path}: {e.status}"

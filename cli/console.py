@@ -14,10 +14,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from refground import progress
 from refground.atomic import atomic_file
 from refground.errors import UsageError, check_parent_folders
+from refground.tables import TableData, format_table
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -58,13 +60,18 @@ def info(message: str) -> None:
     err.print(message)
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:
-    """A rich table; floats are shown with 4 significant decimals."""
-    t = Table(title=title)
-    for c in columns:
-        t.add_column(str(c), justify="right" if c not in ("name", "split", "kind", "metric") else "left")
-    for r in rows:
-        t.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r])
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]],
+          kinds: Sequence[str | None] | None = None) -> Table:
+    """A rich table; each value is shown by its column's kind (``refground.tables``: given in ``kinds``,
+    else inferred from the column's name), text left-aligned and numbers right-aligned."""
+    f = format_table(TableData(title, list(columns), [list(r) for r in rows], list(kinds) if kinds else None))
+    t = Table(title=f.title)
+    for name, unit, right in zip(f.headers, f.units, f.right):
+        # The unit on a line of its own: the columns stay as narrow as their names.
+        t.add_column(Text(f"{name}\n({unit})" if unit else name), justify="right" if right else "left",
+                     vertical="bottom")
+    for r in f.rows:
+        t.add_row(*[Text(c) for c in r])  # Text: a "[...]" in a path or a name is no rich markup
     return t
 
 

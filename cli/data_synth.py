@@ -44,7 +44,7 @@ def synth(
                                   f"[{s['objects_per_image']['min']}, {s['objects_per_image']['max']}]"),
             ("expressions", s["expressions"])]
     rows += [(f"  {k}", v) for k, v in s["expressions_by_kind"].items()]
-    rows += [("relation share", f"{s['relation_share']:.3f}"), ("second-order share", f"{s['second_order_share']:.3f}"),
+    rows += [("relation share", s["relation_share"]), ("second-order share", s["second_order_share"]),
              ("captions", s["captions"]),
              ("images by split", ", ".join(f"{k} {v}" for k, v in s["images_by_split"].items())),
              ("seconds", f"{seconds:.1f}" + (" (skipped)" if skipped else ""))]

@@ -19,11 +19,11 @@ def stats(dataset: DatasetOpt = "synth", cache: CacheOpt = None, as_json: JsonOp
         ("objects / image (min, mean, max)", "{min}, {mean}, {max}".format(**s["objects_per_image"])),
         ("expression tokens (min, mean, max)", "{min}, {mean}, {max}".format(**s["expression_length"])),
         ("caption tokens (min, mean, max)", "{min}, {mean}, {max}".format(**s["caption_length"])),
-        ("relation share of expressions", f"{s['relation_share']:.1%}"),
-        ("second-order share of expressions", f"{s['second_order_share']:.1%}"),
+        ("relation share of expressions", s["relation_share"]),
+        ("second-order share of expressions", s["second_order_share"]),
     ])
     splits = table("per split", ["split", "images", "expressions", "captions"],
                    [(k, v["images"], v["expressions"], v["captions"]) for k, v in s["splits"].items()])
     kinds = table("per expression kind", ["kind", "count", "share", "mean tokens"],
-                  [(k, v["count"], f"{v['share']:.1%}", v["length"]["mean"]) for k, v in s["kinds"].items()])
+                  [(k, v["count"], v["share"], v["length"]["mean"]) for k, v in s["kinds"].items()])
     emit(s, as_json, [overview, splits, kinds], out)

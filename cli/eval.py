@@ -51,9 +51,10 @@ MethodOpt = Annotated[
 
 def resolve_predictions(predictions: Optional[Path], method: Optional[str] = None, run: Optional[str] = None,
                         dataset: str = "synth", cache: Optional[Path] = None, split: str = "val",
-                        force: bool = False, **options: Any) -> Path:
+                        force: bool = False, **options: Any) -> tuple[Path, dict[str, Any]]:
     """The predictions file to score: ``--predictions``, or those of a method's run (computed if needed; the
-    method's own options, None when not given, are passed to its ``predict``)."""
+    method's own options, None when not given, are passed to its ``predict``); and what the method reports of
+    them for the figures file (``{"run": origin, "features", "unknown_words"}``, where it reports them)."""
     from refground.methods import get_method, list_methods
 
     if predictions is not None and method is not None:
@@ -63,13 +64,20 @@ def resolve_predictions(predictions: Optional[Path], method: Optional[str] = Non
             names = ", ".join(m.name for m in list_methods("predict"))
             raise UsageError(f"give the predictions file with --predictions FILE, or a run with --method ({names})")
         method_kwargs(None, "predict_options", options)  # a method's option without --method is an error
-        return predictions
+        return predictions, {}
     m = get_method(method, "predict")
     res = m.predict(dataset, cache, run, [(split, method_kwargs(m, "predict_options", options))], force=force)[0]
     if res["status"] == "written":
         info(f"wrote {res['path']}" + (f" ({res['queries']} queries, {res['ms_per_query']} ms per query)"
                                        if "ms_per_query" in res else ""))
-    return Path(res["path"])
+    about = {"method": method, **{key: res[key] for key in ("run_origin", "features", "unknown_words") if key in res}}
+    words = res.get("unknown_words")
+    if words and words.get("unknown_tokens"):
+        from refground.tables import pct
+
+        info(f"{words['unknown_tokens']} of {words['tokens']} words ({pct(words['unknown_token_rate'])}%) in "
+             f"{words['queries_with_unknown']} of {words['queries']} queries are not in the run's vocabulary")
+    return Path(res["path"]), about
 
 
 def default_json_path(predictions: Path, split: str) -> Path:
@@ -95,7 +103,9 @@ def eval_body(
 
     Queries of the split without a prediction count as misses and are reported as "missing". With --method
     the predictions of a trained run are written first (runs/<method>/<run>/predictions/<split>.<candidates>
-    .jsonl; --force recomputes them) and then scored the same way.
+    .jsonl; for another dataset's run --run DATASET/NAME, <dataset>/predictions/<method>/DATASET.NAME/; --force
+    recomputes them) and then scored the same way; the figures JSON then records the run's origin and the words
+    of the split its vocabulary never saw (run.unknown_words).
 
     Prints a table per section (an "all" row and one row per expression kind) and writes the figures as JSON
     to --out (default: beside the predictions file, <stem>.eval-<split>.json).
@@ -112,7 +122,7 @@ def eval_body(
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
     if out is not None:  # before any scoring (or computing a run's predictions): a refusal costs nothing
         check_out_file(out, inputs=[predictions], force=force)
-    path = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
+    path, about = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
     json_path = out or default_json_path(path, split)
     check_out_file(json_path, inputs=[path], force=force)
     preds = read_predictions(path)
@@ -123,8 +133,11 @@ def eval_body(
         info(f"{ds.name} {split}: {c['expressions']} expressions, {c['captions']} captions "
              f"({c['phrases']} phrases with boxes); {c['predictions_in_split']} of {c['predictions']} "
              "predictions in the split; missing predictions count as misses")
-    tables = [table(t.title, t.columns, t.rows) for t in result.tables()]
-    emit(result.to_dict(), as_json, tables, json_path, inputs=[path], force=force)
+    tables = [table(t.title, t.columns, t.rows, t.kinds) for t in result.tables()]
+    figures = result.to_dict()
+    if about:  # which run made the predictions, from where, and the words it never saw
+        figures["run"] = about
+    emit(figures, as_json, tables, json_path, inputs=[path], force=force)
 
 
 def eval_command() -> Any:

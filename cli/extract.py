@@ -24,7 +24,9 @@ def extract(
     dataset: DatasetOpt = "synth",
     cache: CacheOpt = None,
     detector: Annotated[str, typer.Option("--detector", help="Proposal source: builtin[:NAME] (a `refground train "
-                                          "detector` run), hf:PATH (transformers object detector), "
+                                          "detector` run of this dataset; builtin:DATASET/NAME another dataset's, "
+                                          "written as features/detector-DATASET.NAME.h5; builtin:PATH a run "
+                                          "folder), hf:PATH (transformers object detector), "
                                           "mattnet:FILE (MAttNet detections JSON) or none.")] = "builtin",
     backbone: Annotated[str, typer.Option("--backbone", help="Region-feature source: builtin[:NAME] or hf:PATH "
                                           "(transformers AutoBackbone; RoIAlign over its map). Default: the "

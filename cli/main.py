@@ -133,6 +133,8 @@ def _run(args: list[str], debug: bool) -> int:
         exc.show()
         return int(exc.exit_code)
     except RefgroundError as exc:
+        if getattr(exc, "quiet", False):  # another process (rank 0 under torchrun) reported it already
+            return exc.exit_code
         if debug:
             traceback.print_exc()
         err.print(f"error: {exc}", markup=False)

@@ -5,8 +5,9 @@ records; nothing here names a method, so a registered method needs no edit under
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -93,7 +94,7 @@ def check_choice(opt: Option, value: Any) -> None:
 
 
 def render(tables: Sequence[Any]) -> list[Any]:
-    return [table(t.title, t.columns, t.rows) for t in tables]
+    return [table(t.title, t.columns, t.rows, t.kinds) for t in tables]
 
 
 def method_help(methods: Sequence[Method]) -> str:
@@ -101,6 +102,29 @@ def method_help(methods: Sequence[Method]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- train
+@contextlib.contextmanager
+def training_processes() -> Iterator[bool]:
+    """A train command's block under torchrun: the process group of its environment
+    (:func:`refground.distributed.from_env`; nothing without one) for the block, and on every rank but 0 no
+    progress bars and no library warnings (rank 0 prints them; errors still show). Yields whether this
+    process prints the results (rank 0, or the only process)."""
+    import logging
+
+    from refground import distributed, progress
+
+    with distributed.from_env():
+        main = distributed.is_main()
+        log = logging.getLogger("refground")
+        level = log.level
+        if not main:
+            progress.set_tracker(None)
+            log.setLevel(logging.ERROR)
+        try:
+            yield main
+        finally:
+            log.setLevel(level)
+
+
 def train_command(m: Method) -> Callable[..., None]:
     common = [param("dataset", DatasetOpt, "synth"), param("cache", CacheOpt, None), param("run", RunOpt, None)]
     if m.variants:
@@ -121,17 +145,21 @@ def train_command(m: Method) -> Callable[..., None]:
              batch_size: int | None, lr: float | None, seed: int, resume: bool, force: bool, as_json: bool,
              variant: str | None = None, **options: Any) -> None:
         from refground.errors import UsageError
-        from refground.train import check_run_name, check_training_fields
+        from refground.runs import local_run_name
+        from refground.train import check_training_fields
 
         if variant is not None and variant not in m.variants:
             raise UsageError(f"--variant {variant!r}: expected one of: {', '.join(m.variants)}")
         options = method_kwargs(m, "train_options", options)
-        if run is not None:
-            check_run_name(run)
+        if run is not None:  # training writes only this dataset's runs: NAME, or DATASET/NAME of this dataset
+            run = local_run_name(run, m.name, dataset)
         overrides = check_training_fields(epochs=epochs, batch_size=batch_size, lr=lr)
         config = read_config_file(config_file, f"{m.name} config") if config_file is not None else None
-        result = m.train(dataset, cache, run, variant=variant, config=config, overrides=overrides, seed=seed,
-                         resume=resume, force=force, **options)
+        with training_processes() as main:
+            result = m.train(dataset, cache, run, variant=variant, config=config, overrides=overrides, seed=seed,
+                             resume=resume, force=force, **options)
+        if not main:
+            return
         if result.get("cache_hit"):
             info(f"{result['run']}: complete with the same config, seed and inputs; cache hit, skipping "
                  "(use --force to retrain)")
@@ -144,7 +172,9 @@ def train_command(m: Method) -> Callable[..., None]:
            f"<cache>/<dataset>/runs/{m.name}/<run>/ (config.json, checkpoint.pt, model.pt, curve.json, "
            "metrics.json); a complete run with the same config, seed and inputs is a cache hit, a complete run with "
            "others is refused (--force retrains it in place; or choose another --run), an interrupted one resumes "
-           "(bit-identical to an uninterrupted run). One process at a time trains a run folder. "
+           "(bit-identical to an uninterrupted run). One process at a time trains a run folder. Under "
+           f"`torchrun --nproc-per-node N --no-python -- refground train {m.name} ...` the N processes train it "
+           "together (DistributedDataParallel; rank 0 writes and prints). "
            f"Paper: {m.paper}.")
     return command([*common, *(option_param(o) for o in m.train_options), *tail], body, doc)
 

@@ -23,8 +23,10 @@ SplitOpt = Annotated[
                  "(refer semantics: testA includes testAB)."),
 ]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output file.", show_default=False)]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run name: the folder <cache>/<dataset>/runs/<method>/<run>/ "
-                                               "(default: the method's, e.g. its variant).", show_default=False)]
+RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run: NAME (the folder <cache>/<dataset>/runs/<method>/NAME/; "
+                                               "default: the method's, e.g. its variant), DATASET/NAME (another "
+                                               "dataset's run, applied as trained) or a run folder path (./x, /x). "
+                                               "train writes only this dataset's runs.", show_default=False)]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON file of config fields (e.g. a run's "
                                                    "config.json); the options given override it.",
                                                    show_default=False)]

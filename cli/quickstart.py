@@ -10,6 +10,7 @@ import typer
 from refground.cli.apps import app
 from refground.cli.console import emit, info, table
 from refground.cli.options import CacheOpt, JsonOpt, SeedOpt, read_config_file
+from refground.tables import PERCENT, TEXT
 
 
 @app.command("quickstart")
@@ -63,9 +64,11 @@ def quickstart(
     rows = [(s, *[result["precision"][s].get(k, "-") for k in kinds]) for s in result["precision"]]
     drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),
              result["precision"][s].get("all", 0) - result["proposals"][s].get("all", 0)) for s in result["precision"]]
-    tables = [table("CMRIN Precision@1, ground-truth objects as candidates", ["split", *kinds], rows),
-              table(f"with the detector's top {result['top_n']} proposals", ["split", "gt", "proposals", "drop"],
-                    drop),
+    # The columns are expression kinds and candidate sets: their kind is Precision@1, not inferable by name.
+    tables = [table("CMRIN Precision@1 (%), ground-truth objects as candidates", ["split", *kinds], rows,
+                    [TEXT, *[PERCENT] * len(kinds)]),
+              table(f"Precision@1 (%) with the detector's top {result['top_n']} proposals",
+                    ["split", "gt", "proposals", "drop"], drop, [TEXT, PERCENT, PERCENT, PERCENT]),
               table("steps", ["step", "seconds", "status"],
                     [(s["step"], s["seconds"], s["status"]) for s in result["steps"]])]
     emit(result, as_json, tables)

@@ -36,19 +36,25 @@ def train_detector_command(
 ) -> None:
     """Train the built-in detector (small CNN + FPN, dense proposal head, RoIAlign region head with category,
     colour and size classifiers and box refinement) from scratch on the CPU, then report proposal recall and
-    attribute accuracy on the val split. Skips a complete run with the same config, seed and dataset."""
+    attribute accuracy on the val split. Skips a complete run with the same config, seed and dataset. Under
+    `torchrun --nproc-per-node N --no-python -- refground train detector ...` the N processes train it together."""
+    from refground.cli.methods import training_processes
     from refground.data.store import dataset_dir, load_dataset
     from refground.features.detector import DetectorConfig
     from refground.features.detector_train import train_detector
-    from refground.train import check_run_name, check_training_fields, config_of
+    from refground.runs import local_run_name
+    from refground.train import check_training_fields, config_of
 
     overrides = check_training_fields(epochs=epochs, input_size=input_size, batch_size=batch_size, lr=lr)
     base = read_config_file(config_file, "detector config") if config_file is not None else {}
     config = config_of(DetectorConfig.from_dict, {**base, **overrides}, str(config_file or "detector config"))
     ds_dir = dataset_dir(dataset, cache)
-    out_dir = ds_dir.parent / "runs" / "detector" / check_run_name(run)
+    out_dir = ds_dir.parent / "runs" / "detector" / local_run_name(run, "detector", dataset)
     ds = load_dataset(ds_dir)
-    result = train_detector(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)
+    with training_processes() as main:  # under torchrun: DistributedDataParallel, rank 0 writes and prints
+        result = train_detector(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)
+    if not main:
+        return
     if result["cache_hit"]:
         info(f"{out_dir}: complete with the same config, seed and dataset; cache hit, skipping "
              "(use --force to retrain)")
@@ -64,7 +70,7 @@ def train_detector_command(
                ("training seconds", result.get("train_seconds")),
                ("training images/s", result.get("train_images_per_s"))]
     tables = [table(f"detector {run!r} on {dataset} {m.get('split', 'val')}: proposal recall (IoU >= 0.5)",
-                    ["metric", "referent", "context"], rows),
+                    ["metric", "referent recall", "context recall"], rows),
               table(f"detector {run!r}: accuracy on ground-truth boxes, speed", ["metric", "value"],
                     [(k, v if v is not None else "-") for k, v in figures])]
     emit({"dataset": dataset, "name": run, **result}, as_json, tables)

@@ -17,8 +17,10 @@ from refground.errors import UsageError
 def vlnms_command(
     dataset: DatasetOpt = "synth",
     cache: CacheOpt = None,
-    run: Annotated[Optional[str], typer.Option("--run", help="VL-NMS run (runs/vlnms/<run>) whose relatedness "
-                                               "scores fuse with the detector confidence.", show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="VL-NMS run whose relatedness scores fuse with the "
+                                               "detector confidence: NAME (runs/vlnms/NAME), DATASET/NAME (another "
+                                               "dataset's, applied as trained; its proposals go to "
+                                               "vlnms/DATASET.NAME/) or a run folder.", show_default=False)] = None,
     confidence_only: Annotated[bool, typer.Option("--confidence-only", help="No run: plain NMS on the detector "
                                                   "confidence over the same pre-NMS detections (the baseline).")
                                ] = False,
@@ -45,8 +47,6 @@ def vlnms_command(
     per image."""
     from refground.eval.metrics import RECALL_NS
     from refground.methods.vlnms.run import run_vlnms
-    from refground.tables import pct
-
     if (run is None) == (not confidence_only):
         raise UsageError("give a trained run with --run NAME, or --confidence-only (not both)")
     for s in splits or []:
@@ -56,9 +56,9 @@ def vlnms_command(
     rows = []
     for r in results:
         rows.append([r["split"], r["status"]]
-                    + [pct(r.get(f"recall@{n}")) for n in RECALL_NS]
-                    + [pct(r.get(f"context_recall@{n}")) for n in (5, 10, 20)]
-                    + [r.get("ms_per_image", "-")])
+                    + [r.get(f"recall@{n}") for n in RECALL_NS]
+                    + [r.get(f"context_recall@{n}") for n in (5, 10, 20)]
+                    + [r.get("ms_per_image")])
     cols = (["split", "status"] + [f"R@{n}" for n in RECALL_NS] + ["ctx R@5", "ctx R@10", "ctx R@20"]
             + ["ms/image"])
     tag = results[0]["tag"] if results else run

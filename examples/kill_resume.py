@@ -9,10 +9,14 @@ the seconds its own epoch 1 took), sends SIGKILL, reruns the same command to com
 after epoch 1) and compares model.pt and the last checkpoint's weights with the uninterrupted run's, byte
 for byte. Prints a table; exits 1 if any run differs.
 
+With ``--nproc N`` (N > 1) every training runs under ``torchrun --standalone --nproc-per-node N`` (distributed
+data parallel, gloo), the runs are named ``kr<N>-straight`` and ``kr<N>-kill-<K>``, and SIGKILL goes to the
+whole process group (torchrun and its N workers), as a killed job on a cluster would die.
+
 Usage::
 
     python examples/kill_resume.py [--cache cache] [--epochs N] [--fractions 0.2,0.5,0.8] [--keep-straight]
-                                   [--no-setup]
+                                   [--no-setup] [--nproc N]
 
 ``--epochs`` overrides only the number of epochs (the default config trains 10, about 1.5 to 3 minutes each on
 a shared 2-core machine; the script trains 4 times plus the killed parts, so ``--epochs 3`` takes about
@@ -33,19 +37,54 @@ import time
 from pathlib import Path
 
 
-def refground() -> list[str]:
-    """The CLI of the interpreter running this script (its venv's console script), else ``refground``."""
+def refground(nproc: int = 1) -> list[str]:
+    """The CLI of the interpreter running this script (its venv's console script), else ``refground``; under
+    torchrun with ``--nproc`` above 1 (``--`` keeps torchrun from reading refground's ``--run`` as its own)."""
     exe = Path(sys.executable).parent / "refground"
-    return [str(exe)] if exe.is_file() else ["refground"]
+    cli = [str(exe)] if exe.is_file() else ["refground"]
+    if nproc <= 1:
+        return cli
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return [str(torchrun) if torchrun.is_file() else "torchrun", "--standalone", "--nproc-per-node", str(nproc),
+            "--no-python", "--", *cli]
 
 
-def run(args: list[str], log: Path) -> dict:
-    """Run ``refground ARGS --json`` to completion; its JSON summary (stderr to ``log``)."""
+def run(args: list[str], log: Path, nproc: int = 1) -> dict:
+    """Run ``refground ARGS --json`` to completion (under torchrun with ``nproc`` above 1); its JSON summary
+    (stderr to ``log``)."""
     with open(log, "w") as err:
-        out = subprocess.run(refground() + args + ["--json"], stdout=subprocess.PIPE, stderr=err, text=True)
+        out = subprocess.run(refground(nproc) + args + ["--json"], stdout=subprocess.PIPE, stderr=err, text=True)
     if out.returncode != 0:
         sys.exit(f"refground {' '.join(args)} failed with exit code {out.returncode}; see {log}")
     return json.loads(out.stdout)
+
+
+def torchrun_workers(proc: subprocess.Popen) -> list[int]:
+    """The pids of ``proc``'s child processes (torchrun's workers), from /proc (Linux)."""
+    workers = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+        if ppid == proc.pid:
+            workers.append(int(stat.parent.name))
+    return workers
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` (started with ``start_new_session``: its whole group) and, under torchrun, its workers:
+    torchrun starts each worker in a session of its own, so killing torchrun alone leaves them training (and
+    holding the run's lock)."""
+    for pid in torchrun_workers(proc):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:  # ended on its own meanwhile
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        proc.kill()
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -71,7 +110,10 @@ def main() -> int:
                     "of the same settings (a cache hit) instead of retraining it")
     ap.add_argument("--no-setup", action="store_true", help="skip the world's steps (the cache has features and "
                     "graphs already, e.g. a small test world)")
+    ap.add_argument("--nproc", type=int, default=1, help="processes per training (torchrun; default 1: plain)")
     opts = ap.parse_args()
+    nproc = max(1, opts.nproc)
+    prefix = "kr" if nproc == 1 else f"kr{nproc}"
     cache = Path(opts.cache)
     fractions = [float(f) for f in opts.fractions.split(",") if f.strip()]
     logs = cache / "synth" / "report" / "kill_resume"
@@ -84,29 +126,31 @@ def main() -> int:
     train = ["train", "cmrin", *common] + (["--epochs", str(opts.epochs)] if opts.epochs else [])
     runs = cache / "synth" / "runs" / "cmrin"
 
-    ref = runs / "kr-straight"
+    ref = runs / f"{prefix}-straight"
     if not opts.keep_straight:
         shutil.rmtree(ref, ignore_errors=True)
     t = time.perf_counter()
-    straight = run(train + ["--run", "kr-straight"], logs / "kr-straight.log")
+    straight = run(train + ["--run", ref.name], logs / f"{ref.name}.log", nproc)
     straight_s = time.perf_counter() - t
     if straight.get("cache_hit"):
-        print("kr-straight: reused (cache hit; --keep-straight)")
+        print(f"{ref.name}: reused (cache hit; --keep-straight)")
     elif straight.get("resumed_from"):
-        sys.exit("kr-straight resumed an interrupted run: not a reference; rerun without --keep-straight")
+        sys.exit(f"{ref.name} resumed an interrupted run: not a reference; rerun without --keep-straight")
     ref_epochs = json.loads((ref / "curve.json").read_text())["epochs"]
     epoch_s = min(e["seconds"] for e in ref_epochs)  # a fallback for the kill points below
-    print(f"uninterrupted: {straight_s:.0f} s for {len(ref_epochs)} epochs (epoch seconds "
-          f"{', '.join(str(e['seconds']) for e in ref_epochs)}); best epoch {straight['metrics'].get('best_epoch')}",
-          flush=True)
+    val = 100 * straight["metrics"].get("precision@1", float("nan"))
+    print(f"uninterrupted ({nproc} process{'es' if nproc > 1 else ''}): {straight_s:.0f} s wall, val Precision@1 "
+          f"{val:.1f}, for {len(ref_epochs)} epochs (epoch seconds {', '.join(str(e['seconds']) for e in ref_epochs)}); "
+          f"best epoch {straight['metrics'].get('best_epoch')}", flush=True)
 
     rows = []
     for k, frac in enumerate(fractions, 1):
-        name = f"kr-kill-{k}"
+        name = f"{prefix}-kill-{k}"
         folder = runs / name
         shutil.rmtree(folder, ignore_errors=True)
         with open(logs / f"{name}.killed.log", "w") as err:
-            proc = subprocess.Popen(refground() + train + ["--run", name], stdout=subprocess.DEVNULL, stderr=err)
+            proc = subprocess.Popen(refground(nproc) + train + ["--run", name], stdout=subprocess.DEVNULL, stderr=err,
+                                    start_new_session=True)
             while not (folder / "checkpoint.pt").is_file():  # epoch 1 done (a fresh folder has none before)
                 if proc.poll() is not None:
                     sys.exit(f"{name} ended before its first checkpoint; see {logs / f'{name}.killed.log'}")
@@ -119,12 +163,12 @@ def main() -> int:
             except (OSError, ValueError, KeyError, IndexError):
                 own_s = epoch_s
             time.sleep(max(0.0, frac * own_s - (time.perf_counter() - seen)))
-            os.kill(proc.pid, signal.SIGKILL)
+            kill_tree(proc)
             proc.wait()
             killed_after = time.perf_counter() - seen
         curve = json.loads((folder / "curve.json").read_text())
         done = max((e["epoch"] for e in curve["epochs"]), default=0)
-        res = run(train + ["--run", name], logs / f"{name}.resumed.log")
+        res = run(train + ["--run", name], logs / f"{name}.resumed.log", nproc)
         rows.append({"run": name, "kill_s_into_epoch2": round(killed_after, 2), "fraction": frac,
                      "epochs_done_at_kill": done, "resumed_from": res.get("resumed_from"),
                      "model_pt_identical": same_bytes(folder / "model.pt", ref / "model.pt"),
@@ -138,7 +182,7 @@ def main() -> int:
               str(r["resumed_from"]), "identical" if r["model_pt_identical"] else "DIFFER",
               "identical" if r["last_weights_identical"] else "DIFFER",
               "identical" if r["metrics_identical"] else "DIFFER"] for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(head)]
+    widths = [max([len(h), *(len(row[i]) for row in table)]) for i, h in enumerate(head)]
     print()
     for row in [head, ["-" * w for w in widths], *table]:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths)))

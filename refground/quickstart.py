@@ -17,7 +17,7 @@ from typing import Any
 
 from refground.data.model import KIND_ORDER
 from refground.data.store import dataset_dir
-from refground.tables import EVAL_SPLITS, pct
+from refground.tables import EVAL_SPLITS, FLOAT, SECONDS, format_value, pct
 
 QUICK_EPOCHS = 2  # the quickstart schedule: what fits the 10-minute budget (README)
 Step = Callable[[str], None]
@@ -138,13 +138,13 @@ def render_report(result: dict[str, Any], name: str) -> str:
               "| split | P@1 gt | P@1 proposals | drop (points) |", "|---|---|---|---|"]
     for s in EVAL_SPLITS:
         g, p = result["precision"].get(s, {}).get("all"), result["proposals"].get(s, {}).get("all")
-        drop = "-" if g is None or p is None else f"{100 * (g - p):.1f}"
+        drop = "-" if g is None or p is None else pct(g - p)
         lines.append(f"| {s} | {pct(g)} | {pct(p)} | {drop} |")
     cm = result["cmrin"]
     lines += ["", f"CMRIN run: `{cm['run']}`, best epoch {cm['best_epoch']} on val, "
-              f"{cm['queries_per_s']} training queries/s. Detector referent recall@10 on val: "
+              f"{format_value(cm['queries_per_s'], FLOAT)} training queries/s. Detector referent recall@10 on val: "
               f"{pct(result['detector_recall@10'])}%.", "", "| step | seconds | status |", "|---|---|---|"]
-    lines += [f"| `{s['step']}` | {s['seconds']} | {s['status']} |" for s in result["steps"]]
-    lines += ["", f"Total: {result['seconds']} s.", "", "Figures:", ""]
+    lines += [f"| `{s['step']}` | {format_value(s['seconds'], SECONDS)} | {s['status']} |" for s in result["steps"]]
+    lines += ["", f"Total: {format_value(result['seconds'], SECONDS)} s.", "", "Figures:", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in result["figures"]]
     return "\n".join(lines) + "\n"

@@ -19,12 +19,23 @@ interrupted epoch is redone from the start; ``checkpoint.pt`` is only ever repla
 A run folder is written by one process at a time (:meth:`RunSpec.lock`), and a complete run is never
 retrained with other settings or inputs unless asked (``force``): :meth:`RunSpec.start` refuses it with the
 difference, so a finished model is not lost to a mistyped option.
+
+Under torchrun (a process group of :mod:`refground.distributed`), :func:`fit` trains with
+DistributedDataParallel: every process draws the same batches and trains on its own slice of each
+(:func:`refground.distributed.shard`), the gradients are averaged, and rank 0 alone holds the lock and writes
+the run folder (manifests, config, vocabulary, checkpoints, weights, curve, metrics); the others write
+nothing. The number of processes is a run parameter (``world_size``, recorded only above 1, so single-process
+fingerprints are unchanged): the weights depend on it, so a run of another world size is another artifact
+(never a cache hit, and its checkpoint is not resumed: training starts afresh with a warning). For a fixed
+world size the same seed gives the same weights, and a resumed run the weights of an uninterrupted one (the
+checkpoint holds every rank's random states).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import time
@@ -36,12 +47,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from refground import distributed
 from refground.atomic import atomic_file
 from refground.cache import fingerprint, is_current, write_manifest
 from refground.cache.listing import retrain_command
 from refground.cache.manifest import Parent, parent_fingerprints, read_manifest_of
 from refground.errors import ArtifactError, UsageError
 from refground.progress import track
+from refground.tensorboard_log import open_curve_log
 
 CHECKPOINT_FILE = "checkpoint.pt"
 MODEL_FILE = "model.pt"
@@ -50,18 +63,13 @@ METRICS_FILE = "metrics.json"
 VOCAB_FILE = "vocab.json"
 CONFIG_FILE = "config.json"
 STEP_LOG_EVERY = 20
+logger = logging.getLogger("refground")
 
 
 def run_names(text: str | None) -> tuple[str, ...] | None:
     """The run names of a comma-separated ``--runs`` value (None when not given)."""
     return tuple(r.strip() for r in text.split(",") if r.strip()) if text else None
 
-
-def check_run_name(name: str) -> str:
-    """``name`` if it is a plain folder name for a run, else a one-line UsageError."""
-    if not name or "/" in name or "\\" in name or name.startswith("."):
-        raise UsageError(f"run name {name!r}: expected a plain folder name")
-    return name
 
 
 def read_json(path: Path) -> Any:
@@ -211,6 +219,9 @@ class RunSpec:
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
+        world = distributed.world_size()
+        if world > 1:  # absent means one process: the fingerprints of single-process runs stay what they were
+            self.params = {**self.params, "world_size": world}
         self.fingerprint = fingerprint(self.step, self.params, parent_fingerprints(self.parents))
 
     @property
@@ -222,10 +233,13 @@ class RunSpec:
     def lock(self) -> Iterator[None]:
         """Hold the run folder's writer lock (:func:`refground.cache.lock.artifact_lock`) for the block: a
         second process training (or force-retraining) the same run is refused with a one-line ArtifactError
-        instead of interleaving its checkpoints with this one's. Released on any exit, an error included."""
+        instead of interleaving its checkpoints with this one's. Released on any exit, an error included.
+
+        Under a process group rank 0 alone holds it (the others write nothing); a refusal stops every rank."""
         from refground.cache.lock import artifact_lock
 
-        with artifact_lock(self.out_dir):
+        with contextlib.ExitStack() as stack:
+            distributed.on_main(lambda: stack.enter_context(artifact_lock(self.out_dir)))
             yield
 
     def is_complete(self) -> bool:
@@ -234,6 +248,9 @@ class RunSpec:
                 and (self.out_dir / METRICS_FILE).is_file())
 
     def mark(self, complete: bool, extra: dict[str, Any] | None = None) -> None:
+        """Write the run's manifest (rank 0 only)."""
+        if not distributed.is_main():
+            return
         write_manifest(self.out_dir, step=self.step, params=self.params, parents=self.parents,
                        fingerprint=self.fingerprint, complete=complete, kind=self.kind, extra=extra)
 
@@ -283,6 +300,10 @@ class RunSpec:
         except ArtifactError:  # an unreadable checkpoint is simply not resumable
             return None
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
+            old, now = int(state.get("world_size", 1)) if isinstance(state, dict) else 1, distributed.world_size()
+            if old != now:
+                logger.warning(f"{path}: a checkpoint of a run on {old} process(es); training starts afresh on "
+                               f"{now} (the number of processes is a setting of the run)")
             return None
         try:
             done = int(state["epoch"])
@@ -293,13 +314,17 @@ class RunSpec:
         curve = read_json(self.out_dir / CURVE_FILE)
         rows = curve.get("epochs") if isinstance(curve, dict) else None
         epochs = {r.get("epoch") for r in rows if isinstance(r, dict)} if isinstance(rows, list) else set()
-        return state if set(range(1, done + 1)) <= epochs else None
+        # The curve goes with the state: processes on other machines may not see the run folder.
+        return {**state, "curve": curve} if set(range(1, done + 1)) <= epochs else None
 
     def start(self, name: str, force: bool) -> dict[str, Any]:
         """The run's summary so far, ``{"run", "name", "fingerprint", "cache_hit"}``; for a complete run with this
         fingerprint (and not ``force``) ``cache_hit`` is True and its cached figures are merged in, so the
         trainer returns it without training. A complete run of other settings is refused
-        (:meth:`check_overwrite`). Call it holding :meth:`lock`."""
+        (:meth:`check_overwrite`). Call it holding :meth:`lock`; rank 0 decides for every rank."""
+        return distributed.on_main(lambda: self._start(name, force))
+
+    def _start(self, name: str, force: bool) -> dict[str, Any]:
         result: dict[str, Any] = {"run": str(self.out_dir), "name": name, "fingerprint": self.fingerprint,
                                   "cache_hit": False}
         cached = None if force else self.cached_summary()
@@ -320,23 +345,32 @@ class RunSpec:
         """Open the run folder for training (after :meth:`start`, which refused a complete run of other settings):
         mark it incomplete, write config.json and, where the method has a vocabulary (``vocab`` not None),
         vocab.json; returns the checkpoint to resume from (None for a fresh start, or with ``force`` / without
-        ``resume``). Call it holding :meth:`lock`."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = self.resumable_state() if resume and not force else None
-        self.mark(complete=False)
-        write_json(self.out_dir / CONFIG_FILE, config)
-        if vocab is not None:
-            vocab.save(self.out_dir / VOCAB_FILE)
-        return state
+        ``resume``). Call it holding :meth:`lock`. Rank 0 writes and finds the checkpoint; every rank gets it."""
+        def open_folder() -> dict[str, Any] | None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            state = self.resumable_state() if resume and not force else None
+            self.mark(complete=False)
+            write_json(self.out_dir / CONFIG_FILE, config)
+            if vocab is not None:
+                vocab.save(self.out_dir / VOCAB_FILE)
+            return state
+
+        return distributed.on_main(open_folder)
 
     def finish(self, fr: "FitResult", epochs: int, items: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Write metrics.json and the complete manifest after :func:`fit`; returns the summary of the run
-        (``resumed_from``, ``best_epoch``, ``metrics``, ``curve``, timing and counts)."""
-        write_json(self.out_dir / METRICS_FILE, metrics)
+        (``resumed_from``, ``best_epoch``, ``metrics``, ``curve``, timing and counts, ``world_size``); rank 0
+        writes."""
         extra = {"train_seconds": round(fr.train_seconds, 2), "queries_per_s": round(fr.items_per_s, 1),
                  "epochs_trained_now": epochs - fr.resumed_from, "steps": fr.steps,
-                 "threads": torch.get_num_threads(), "train_queries": int(items)}
-        self.mark(complete=True, extra=extra)
+                 "threads": torch.get_num_threads(), "train_queries": int(items),
+                 "world_size": distributed.world_size()}
+
+        def write() -> None:
+            write_json(self.out_dir / METRICS_FILE, metrics)
+            self.mark(complete=True, extra=extra)
+
+        distributed.on_main(write)
         return {"resumed_from": fr.resumed_from, "best_epoch": fr.best_epoch, "metrics": metrics, "curve": fr.curve,
                 **extra}
 
@@ -424,6 +458,41 @@ class FitResult:
     train_seconds: float
     items_per_s: float
     curve: dict[str, list[dict[str, Any]]]
+    items: int = 0  # trained now (this call), summed over the processes
+
+
+class _Step(torch.nn.Module):
+    """A training step as a module's forward, for DistributedDataParallel: its gradient hooks only average what
+    a forward *of the wrapped module* computed, and the step closures call the raw model (or parts of it: the
+    detector's losses never go through ``forward``). Wrapping the whole step makes every parameter use count."""
+
+    def __init__(self, model: torch.nn.Module, step: Callable[[Any, torch.Generator], tuple[Any, ...]]) -> None:
+        super().__init__()
+        self.model = model
+        self.step = step
+        # Never used: DDP (find_unused_parameters) then always finds one unused parameter, instead of printing
+        # on every rank that it found none. Not the model's, so neither in model.pt nor in the optimizer.
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, batch: Any, generator: torch.Generator) -> tuple[Any, ...]:
+        return self.step(batch, generator)
+
+
+def rank_generator(seed: int, epoch: int, rank: int) -> torch.Generator:
+    """The torch generator a training step of ``rank`` draws from in ``epoch`` when several processes train
+    (one process: the epoch's own, :func:`epoch_rng`): every rank draws other flips and negatives for its
+    slice, and the draws do not depend on earlier epochs."""
+    state = np.random.SeedSequence([int(seed), int(epoch), 2, int(rank)]).generate_state(1)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+def _seed_rank_globals(seed: int, rank: int) -> None:
+    """Other global random states per rank at a fresh start (dropout masks differ between the ranks' slices);
+    the model is built before, from the same seed on every rank."""
+    s = np.random.SeedSequence([int(seed), 3, int(rank)]).generate_state(3)
+    torch.manual_seed(int(s[0]))
+    np.random.seed(int(s[1]))
+    random.seed(int(s[2]))
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec, *, epochs: int, seed: int,
@@ -432,7 +501,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
         evaluate: Callable[[], dict[str, Any]] | None = None, select: str | None = None,
         lr_at: Callable[[int], float] | None = None, state: dict[str, Any] | None = None,
         description: str = "train", lr_at_step: Callable[[int], float] | None = None,
-        clip_grad_norm: float | None = None, batch_rng: str = "numpy") -> FitResult:
+        clip_grad_norm: float | None = None, batch_rng: str = "numpy",
+        shard: Callable[[Any, int, int], Any] | None = None) -> FitResult:
     """Train ``model`` for ``epochs`` epochs, checkpointing into ``spec.out_dir`` after each.
 
     ``batches(rng)`` gives one epoch's batches from the epoch's numpy generator (``batch_rng="torch"``: from
@@ -447,11 +517,24 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
     (:func:`rng_state`, saved with every epoch checkpoint) are restored before the first resumed epoch, so the
     resumed run draws what the uninterrupted one drew. A NaN or infinite loss stops training with a one-line
     :class:`NonFiniteLossError` naming the run, epoch and step (the run stays incomplete at its last
-    checkpoint).
+    checkpoint). With the ``tensorboard`` package the curve also goes to ``<run>/tensorboard/``
+    (:mod:`refground.tensorboard_log`).
+
+    Under a process group (:mod:`refground.distributed`, torchrun) the model trains wrapped in
+    DistributedDataParallel: every rank draws the same batches, takes its slice ``shard(batch, rank, world)``
+    of each (default :func:`refground.distributed.shard`: nearly equal consecutive slices of anything with
+    ``len`` and slicing) and runs ``train_step`` on it with a generator of its own (:func:`rank_generator`);
+    the gradients are averaged over the ranks, so the steps are the single process's with the mean of the
+    slices' gradients. A batch with fewer items than processes is left out on every rank. The logged loss
+    and terms are the means over the ranks (every rank's step returns the same term names), ``items`` their
+    sum. Rank 0 alone evaluates (its figures go to
+    every rank, so all keep the same best epoch) and writes; the checkpoint holds every rank's random states
+    (``rng_ranks``), each rank restores its own.
     """
     if batch_rng not in ("numpy", "torch"):
         raise ValueError(f"batch_rng {batch_rng!r}: expected 'numpy' or 'torch'")
     out = spec.out_dir
+    world, rank = distributed.world_size(), distributed.rank()
     start, steps, best_epoch, best_score = 0, 0, 0, None
     curve: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
     if state is not None:
@@ -460,75 +543,128 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, spec: RunSpec,
         start, steps = int(state["epoch"]), int(state["steps"])
         best_epoch = int(state.get("best_epoch", 0))
         best_score = state.get("best_score")
-        old = read_json(out / CURVE_FILE) or {}
+        old = state.get("curve") or read_json(out / CURVE_FILE) or {}
         curve = {"steps": [r for r in old.get("steps", []) if r.get("epoch", 0) <= start],
                  "epochs": [r for r in old.get("epochs", []) if r.get("epoch", 0) <= start]}
-        if state.get("rng") is not None:  # checkpoints written before the random states were saved have none
+        ranks = state.get("rng_ranks")
+        if world > 1 and ranks is not None and len(ranks) == world:
+            set_rng_state(ranks[rank])
+        elif state.get("rng") is not None:  # checkpoints written before the random states were saved have none
             set_rng_state(state["rng"])
+    elif world > 1:
+        _seed_rank_globals(seed, rank)
+    net = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a step may leave parameters without a gradient (a variant's unused module,
+        # a slice without some kind of target); DDP would otherwise wait for their gradients for ever.
+        net = DistributedDataParallel(_Step(model, train_step), find_unused_parameters=True)
+    cut = shard or distributed.shard
+    tb = open_curve_log(out, steps if state is not None else None) if rank == 0 else None
     train_seconds, items = 0.0, 0
-    for epoch in range(start, epochs):
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch)
-        rng, gen = epoch_rng(seed, epoch)
-        epoch_batches = batches(gen if batch_rng == "torch" else rng)
-        model.train()
-        t0 = time.perf_counter()
-        losses = []
-        part_sums: dict[str, float] = {}
-        for batch in track(epoch_batches, total=len(epoch_batches), description=f"{description} epoch {epoch + 1}/{epochs}"):
-            lr = lr_at_step(steps) if lr_at_step is not None else None
-            if lr is not None:
+    try:
+        for epoch in range(start, epochs):
+            if lr_at is not None:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
-            loss, n, *parts = train_step(batch, gen)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"{out}: the training loss is {value} at epoch {epoch + 1}, step {steps + 1} (non-finite "
-                    "inputs, or a learning rate too high); the run stays incomplete at its last checkpoint; check "
-                    f"its inputs or lower --lr, then run `{retrain_command(out)}`")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
-            steps += 1
-            items += n
-            losses.append(value)
-            for name, part in (parts[0] if parts else {}).items():
-                part_sums[name] = part_sums.get(name, 0.0) + float(part)
-            if steps % STEP_LOG_EVERY == 0:
-                curve["steps"].append({"step": steps, "epoch": epoch + 1,
-                                       "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6),
-                                       **({"lr": lr} if lr is not None else {})})
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)) if losses else 0.0, 6),
-                               "seconds": round(seconds, 2)}
-        row.update({name: round(total / len(losses), 6) for name, total in part_sums.items()})
-        if evaluate is not None:
-            model.eval()
-            with torch.no_grad():
-                row.update(evaluate())
-        curve["epochs"].append(row)
-        score = row.get(select) if select else None
-        if select is None or best_score is None or (score is not None and score > best_score):
-            best_epoch, best_score = epoch + 1, score
-            with atomic_file(out / MODEL_FILE, "wb") as fh:
-                torch.save(model.state_dict(), fh)
-        # The curve first: a kill between the two writes leaves a curve one epoch ahead of the checkpoint
-        # (a resume drops the extra row), never a checkpoint ahead of its curve.
-        write_json(out / CURVE_FILE, curve)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                "steps": steps, "best_epoch": best_epoch, "best_score": best_score, "seed": int(seed),
-                "fingerprint": spec.fingerprint, "rng": rng_state()}
-        with atomic_file(out / CHECKPOINT_FILE, "wb") as fh:
-            torch.save(ckpt, fh)
+                    group["lr"] = lr_at(epoch)
+            rng, gen = epoch_rng(seed, epoch)
+            epoch_batches = batches(gen if batch_rng == "torch" else rng)
+            step_gen = gen if net is None else rank_generator(seed, epoch, rank)
+            if net is not None and epoch_batches and all(len(b) < world for b in epoch_batches):
+                raise distributed.fail_together(UsageError(
+                    f"{out}: batches of {max(len(b) for b in epoch_batches)} items cannot be split over {world} "
+                    f"processes; use --batch-size {world} or more, or fewer processes"))
+            model.train()
+            t0 = time.perf_counter()
+            losses = []
+            part_sums: dict[str, float] = {}
+            for batch in track(epoch_batches, total=len(epoch_batches),
+                               description=f"{description} epoch {epoch + 1}/{epochs}"):
+                if net is not None and len(batch) < world:
+                    continue  # some rank would get nothing; every rank leaves it out alike
+                lr = lr_at_step(steps) if lr_at_step is not None else None
+                if lr is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                if net is None:
+                    loss, n, *parts = train_step(batch, step_gen)
+                else:
+                    loss, n, *parts = net(cut(batch, rank, world), step_gen)
+                terms = {name: float(v) for name, v in (parts[0] if parts else {}).items()}
+                value = float(loss.detach())
+                if net is not None:  # every rank sees the same figures, a non-finite loss on any rank included
+                    names = sorted(terms)
+                    sums = distributed.all_reduce_sum([value, float(n), *(terms[k] for k in names)])
+                    value, n = sums[0] / world, int(round(sums[1]))
+                    terms = {k: v / world for k, v in zip(names, sums[2:])}
+                if not math.isfinite(value):
+                    raise distributed.fail_together(NonFiniteLossError(
+                        f"{out}: the training loss is {value} at epoch {epoch + 1}, step {steps + 1} (non-finite "
+                        "inputs, or a learning rate too high); the run stays incomplete at its last checkpoint; "
+                        f"check its inputs or lower --lr, then run `{retrain_command(out)}`"))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                optimizer.step()
+                steps += 1
+                items += n
+                losses.append(value)
+                for name, part in terms.items():
+                    part_sums[name] = part_sums.get(name, 0.0) + part
+                if steps % STEP_LOG_EVERY == 0:
+                    curve["steps"].append({"step": steps, "epoch": epoch + 1,
+                                           "loss": round(float(np.mean(losses[-STEP_LOG_EVERY:])), 6),
+                                           **({"lr": lr} if lr is not None else {})})
+                    if tb is not None:
+                        tb.step(curve["steps"][-1])
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            row: dict[str, Any] = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)) if losses else 0.0, 6),
+                                   "seconds": round(seconds, 2)}
+            row.update({name: round(total / len(losses), 6) for name, total in part_sums.items()})
+            if evaluate is not None:
+                model.eval()
+
+                def figures() -> dict[str, Any]:
+                    with torch.no_grad():
+                        return evaluate()
+
+                row.update(distributed.on_main(figures))
+            curve["epochs"].append(row)
+            score = row.get(select) if select else None
+            improved = select is None or best_score is None or (score is not None and score > best_score)
+            if improved:
+                best_epoch, best_score = epoch + 1, score
+            ranks_rng = distributed.all_gather_object(rng_state()) if net is not None else None
+
+            def write_epoch() -> None:
+                if improved:
+                    with atomic_file(out / MODEL_FILE, "wb") as fh:
+                        torch.save(model.state_dict(), fh)
+                # The curve first: a kill between the two writes leaves a curve one epoch ahead of the
+                # checkpoint (a resume drops the extra row), never a checkpoint ahead of its curve.
+                write_json(out / CURVE_FILE, curve)
+                if tb is not None:
+                    tb.epoch(row, steps)
+                ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                        "steps": steps, "best_epoch": best_epoch, "best_score": best_score, "seed": int(seed),
+                        "fingerprint": spec.fingerprint, "world_size": world,
+                        "rng": rng_state() if ranks_rng is None else ranks_rng[0]}
+                if ranks_rng is not None:
+                    ckpt["rng_ranks"] = ranks_rng
+                with atomic_file(out / CHECKPOINT_FILE, "wb") as fh:
+                    torch.save(ckpt, fh)
+
+            distributed.on_main(write_epoch)
+    finally:
+        if tb is not None:
+            tb.close()
     return FitResult(epochs, start, best_epoch, best_score, steps, train_seconds,
-                     items / train_seconds if train_seconds > 0 else float("nan"), curve)
+                     items / train_seconds if train_seconds > 0 else float("nan"), curve, items)
 
 
-__all__ = ["CHECKPOINT_FILE", "check_run_name", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE",
+__all__ = ["CHECKPOINT_FILE", "CONFIG_FILE", "CURVE_FILE", "FitResult", "METRICS_FILE", "MODEL_FILE",
            "NonFiniteLossError", "RunSpec", "epoch_rng", "fit", "load_weights", "params_difference", "read_json",
            "retrain_command", "rng_state", "set_rng_state", "write_json"]

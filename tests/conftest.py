@@ -84,6 +84,21 @@ TINY_CMRIN = {"embed_dim": 16, "hidden_dim": 16, "type_dim": 8, "edge_type_dim":
               "graph_dim": 16, "spatial_dim": 8, "match_dim": 16, "epochs": 2, "batch_size": 16, "lr": 2e-3}
 
 
+def train_tiny_cmrin(root: Path, name: str = "cmrin", dataset: str = "synth") -> dict:
+    """Train the tiny CMRIN config (seed 0) into ``<root>/<dataset>/runs/cmrin/<name>`` on one torch thread."""
+    import torch
+
+    from refground.methods.cmrin.model import CMRINConfig
+    from refground.methods.cmrin.run import train_cmrin
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_cmrin(dataset, root, name, CMRINConfig(**TINY_CMRIN), seed=0)
+    finally:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def pipeline_cache(synth_cache, synth_ds, tmp_path_factory) -> Path:
     """A cache with the fixture dataset, a tiny detector (runs/detector/default), its features (no dense

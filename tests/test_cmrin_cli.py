@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CMRIN, fail, run_json
+from conftest import TINY_CMRIN, fail, run_json, train_tiny_cmrin
 from refground.eval.predictions import read_predictions
 from refground.graph import spatial_relations
 from refground.grounding.candidates import CandidateSpec, load_candidates, make_batch
@@ -34,12 +34,7 @@ def cache(pipeline_cache, tmp_path) -> Path:
 def trained(pipeline_cache, tmp_path_factory) -> Path:
     """A cache copy with a tiny CMRIN run named "cmrin" (2 epochs)."""
     root = Path(shutil.copytree(pipeline_cache, tmp_path_factory.mktemp("cm") / "cache"))
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train_cmrin("synth", root, "cmrin", CMRINConfig(**TINY_CMRIN), seed=0)
-    finally:
-        torch.set_num_threads(n)
+    train_tiny_cmrin(root)
     return root
 
 
@@ -225,7 +220,7 @@ def test_train_option_errors(cache, capsys):
     assert "--epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--epochs", "0")
     assert "layers" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--variant", "instance", "--layers", "2")
     assert "--lr-decay-epochs" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--lr-decay-epochs", "-1")
-    assert "run name" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--run", "../x")
+    assert "give a plain NAME" in fail(capsys, "train", "cmrin", "--cache", str(cache), "--run", "../x")
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -277,5 +272,5 @@ def test_report_cmrin_ablation(trained, capsys):
     ev = run_json(capsys, "eval", "--method", "cmrin", "--split", "testA", "--cache", str(trained))
     assert res["rows"][0]["testA"] == ev["comprehension"]["all"]["precision@1"]
     md = Path(res["markdown_path"]).read_text()
-    assert md.count("\n") == 3 and "(CMRIN)" in md
+    assert md.count("\n") == 5 and "(CMRIN)" in md and md.startswith("Precision@1 (%)")  # caption, table of one run
     assert "refground train cmrin" in fail(capsys, "report", "cmrin", "--runs", "nope", "--cache", str(trained))

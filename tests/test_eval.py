@@ -265,7 +265,8 @@ def test_cli_happy_path_table_and_json(capsys, cli_setup):
     base = ("eval", "--predictions", preds, "--dataset", "hand", "--split", "testB", "--cache", cache)
     code, out, err = run(capsys, *base)
     assert code == 0, err
-    assert "comprehension: hand testB" in out and "relation1" in out and "0.5000" in out
+    # Shares print as percentages with one decimal (the JSON keeps the fraction)
+    assert "comprehension: hand testB" in out and "relation1" in out and " 50.0 " in out and "0.5000" not in out
     written = preds.parent / "preds.eval-testB.json"
     saved = json.loads(written.read_text())
     assert saved["comprehension"]["all"]["precision@1"] == 0.5 and str(written) in err.replace("\n", "")

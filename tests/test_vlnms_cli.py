@@ -248,3 +248,32 @@ def test_bucket_batches_cover_every_item_once():
     perm = np.random.default_rng(5).permutation(items)
     random = sum(64 * max(size_of[i] for i in perm[s:s + 64].tolist()) for s in range(0, len(perm), 64))
     assert padded < 0.8 * random
+
+
+def test_runs_of_one_dataset_propose_and_match_on_another(vcache, tmp_path, capsys):
+    """`refground vlnms --run synth/fc-bce --dataset other`: the run applied as trained to another world's
+    detections (extracted with synth's detector), its proposal set tagged synth.fc-bce in other's folder; CMRIN
+    of synth then ranks them with `--vlnms-run synth/fc-bce`."""
+    from refground.data.store import dataset_dir
+    from refground.data.synth import write_synthetic
+
+    root = Path(shutil.copytree(vcache, tmp_path / "cache"))
+    write_synthetic(dataset_dir("other", root), name="other", num_images=12, seed=5, image_size=128, workers=1)
+    c = ["--cache", str(root)]
+    err = fail(capsys, "vlnms", "--run", "synth/fc-bce", "--dataset", "other", "--split", "val", *c)
+    assert "refground extract --dataset other --detector builtin:synth/default" in err
+    run_json(capsys, "extract", "--dataset", "other", "--detector", "builtin:synth/default", "--detections",
+             "--detection-threshold", "0.05", "--no-dense", "--max-proposals", "20", *c)
+    res = run_json(capsys, "vlnms", "--run", "synth/fc-bce", "--dataset", "other", "--split", "val", "--top-n", "15",
+                   *c)
+    (split,) = res["splits"]
+    assert res["tag"] == "synth.fc-bce" and split["status"] == "written"
+    assert Path(split["path"]) == root / "other" / "vlnms" / "synth.fc-bce" / "val.h5"
+    assert split["run_origin"]["dataset"] == "synth" and 0 <= split["recall@10"] <= 1
+    assert not (root / "synth" / "vlnms" / "synth.fc-bce").exists()
+    run_json(capsys, "graph", "--dataset", "other", "--features", "detector-synth.default", *c)
+    out = run_json(capsys, "eval", "--method", "cmrin", "--run", "synth/cmrin", "--dataset", "other", "--candidates",
+                   "vlnms", "--vlnms-run", "synth/fc-bce", "--top-n", "5", "--split", "val", *c)
+    assert Path(out["predictions"]) == root / "other" / "predictions" / "cmrin" / "synth.cmrin" / \
+        "val.vlnms-synth.fc-bce5.jsonl"
+    assert 0 <= out["comprehension"]["all"]["precision@1"] <= 1

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from refground import distributed
 from refground.boxes import (box_convert, box_iou, clip_boxes_to_image, elementwise_box_iou, nms,
                              remove_small_boxes)
 from refground.data.model import Dataset
@@ -420,14 +421,17 @@ def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int,
     trained_images = (config.epochs - fr.resumed_from) * steps_per_epoch * min(config.batch_size, n)
     data = None  # the training images are not needed for the evaluation
 
-    metrics: dict[str, Any] = {}
-    if evaluate:
-        metrics = evaluate_detector(ds, BuiltinDetector(model, file_sha256(spec.out_dir / MODEL_FILE)), "val")
-    write_json(spec.out_dir / METRICS_FILE, metrics)
+    def final_metrics() -> dict[str, Any]:  # rank 0 alone evaluates and writes, every rank gets the figures
+        metrics = evaluate_detector(ds, BuiltinDetector(model, file_sha256(spec.out_dir / MODEL_FILE)), "val") \
+            if evaluate else {}
+        write_json(spec.out_dir / METRICS_FILE, metrics)
+        return metrics
+
+    metrics = distributed.on_main(final_metrics)
     extra = {"train_seconds": round(fr.train_seconds, 2), "load_seconds": round(load_seconds, 2),
              "train_images_per_s": round(trained_images / max(fr.train_seconds, 1e-9), 2),
              "epochs_trained_now": config.epochs - fr.resumed_from, "steps": fr.steps,
-             "threads": torch.get_num_threads()}
+             "threads": torch.get_num_threads(), "world_size": distributed.world_size()}
     spec.mark(complete=True, extra=extra)
     result.update(epochs=config.epochs, resumed_from=fr.resumed_from, metrics=metrics,
                   seconds=round(time.perf_counter() - t_start, 3), **extra)

@@ -13,6 +13,7 @@ while the forced job is pending (:func:`refground.cache.chunks.rebuild_pending`)
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.features import extract as X
 from refground.features.base import DENSE_STRIDES
+from refground.features.contents import lacks_object_features
 from refground.features.sources import resolve
+
+log = logging.getLogger("refground")
 
 FEATURES_STEP = "extract.features@1"
 DENSE_STEP = "extract.dense@1"
@@ -54,7 +58,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
                     clip: str = "", max_proposals: int = 100, dense: bool = True, dense_size: int = 0,
                     name: str = "", batch_size: int = 16, chunk_size: int = 64, shard: str = "",
                     force: bool = False, seed: int = 0, detections: float | None = None,
-                    threads: int = 1, workers: int = 1) -> dict[str, Any]:
+                    threads: int = 1, workers: int = 1, warn: bool = True) -> dict[str, Any]:
     """Fill (or find current) the features, dense and CLIP artifacts of ``dataset``. Returns a summary:
     per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing.
 
@@ -65,6 +69,9 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     ``threads``: torch threads of the forward passes (``--threads``). The default 1 makes the bytes
     independent of the machine's cores and ``OMP_NUM_THREADS``; another count is faster on many cores but
     its bytes differ (by float16 rounding), so it is part of the artifacts' fingerprints.
+
+    ``warn``: log (logger ``refground``) what the features artifact about to be written will lack, before the
+    work (off in the worker processes of ``workers``: their parent says it once).
 
     ``detections``: a confidence threshold in (0, 1) (VL-NMS's delta, 0.05 in the paper) to also store the
     detector's pre-NMS boxes at or above it in the features artifact's ``detections/`` section (built-in
@@ -138,6 +145,14 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         result["cache_hit"] = True
         return result
 
+    if "features" in {t.kind for t in targets} and feat is None:
+        # Said before any model or image is loaded: the user learns it now, not after the extraction.
+        if det.kind == "mattnet":
+            raise UsageError(f"--detector {det.spec}: MAttNet detections are boxes only; add --backbone hf:PATH (a "
+                             "transformers backbone) or builtin[:NAME] (a built-in detector run) for their features")
+        why = lacks_object_features(paths["features"], det, bb)
+        if why and warn:
+            log.warning(why)
     ds = load_dataset(ds_dir)
     chunks = -(-ds.num_images // chunk_size)
     workers = min(workers, max(1, chunks // MIN_CHUNKS_PER_WORKER)) if sh.whole else 1
@@ -145,7 +160,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         args = dict(dataset=dataset, cache=cache, detector=detector, backbone=backbone, clip=clip,
                     max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
                     batch_size=batch_size, chunk_size=chunk_size, force=force, seed=seed, detections=detections,
-                    threads=threads)
+                    threads=threads, warn=False)
         ran = _run_workers(args, workers, [t.path for t in targets], clip)
         for t in targets:
             status[t.kind]["status"] = "written"

@@ -3,7 +3,8 @@
 Specs (the ``refground extract`` options):
 
 - ``--detector``: ``builtin`` or ``builtin:NAME`` (the run ``runs/detector/NAME`` of
-  ``refground train detector``; NAME defaults to ``default``) or ``builtin:/path/to/run``: a complete run
+  ``refground train detector``; NAME defaults to ``default``), ``builtin:DATASET/NAME`` (another dataset's
+  run in the same cache: train on one dataset, extract on another) or ``builtin:/path/to/run``: a complete run
   folder, read as its ``model.pt`` weights and ``config.json`` (:meth:`BuiltinDetector.load`), fingerprinted
   as a whole (its files' digests), so retraining or editing it makes what was extracted with it stale;
   ``hf:PATH`` (a transformers object detector folder); ``mattnet:FILE`` (precomputed detections in MAttNet's
@@ -51,14 +52,22 @@ class SourceSpec:
 
 
 def _builtin(rest: str, runs_dir: Path) -> tuple[Path, str]:
-    name = rest or "default"
-    run = Path(name) if ("/" in name or name.startswith(".")) else runs_dir / "detector" / name
-    remedy = "refground train detector" + ("" if name == "default" else f" --run {name}")
+    """The run folder of ``builtin[:NAME | :DATASET/NAME | :PATH]`` (:func:`refground.runs.resolve_run`) and
+    the artifact name it gives: ``detector-NAME`` for this dataset's run or a run folder, ``detector-DATASET.NAME``
+    for another dataset's (two datasets' runs of one name never share a features artifact)."""
+    from refground.runs import is_path_spec, resolve_run
+
+    ref = resolve_run(rest or "default", "detector", runs_dir.parent.name, runs_dir.parent.parent)
+    run = ref.path
+    remedy = ref.train_command()
+    if ref.local and ref.name == "default":
+        remedy = "refground train detector"
     if not all((run / f).is_file() for f in RUN_FILES):
         raise ArtifactError(f"{run}: no trained built-in detector here; run `{remedy}`")
     # An interrupted training run has the weights of its last finished epoch but no complete manifest.
     require(run, remedy)
-    return run, f"detector-{run.name}"
+    # A folder keeps the name it always had (its fingerprint tells two folders of one name apart).
+    return run, f"detector-{run.name if is_path_spec(rest or 'default') else ref.tag}"
 
 
 def _model_type(path: Path) -> str:

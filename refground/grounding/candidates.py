@@ -70,29 +70,27 @@ def check_finite(path: Path, remedy: str, **arrays: np.ndarray) -> None:
 
 def extract_command(features_file: Path) -> str:
     """The ``refground extract ... --force`` command that rewrites the features artifact ``features_file``
-    (``<cache>/<dataset>/features/<name>.h5``) with the options recorded in its manifest."""
-    from refground.cache import read_manifest_of
+    (``<cache>/<dataset>/features/<name>.h5``) with the options recorded in its manifest
+    (:func:`refground.features.contents.extract_command`)."""
+    from refground.features.contents import extract_command as command
 
-    path = Path(features_file)
-    m = read_manifest_of(path)
-    p = m.params if m is not None else {}
-    parts = ["refground extract"]
-    dataset = path.parent.parent.name
-    if dataset and dataset != "synth":
-        parts.append(f"--dataset {dataset}")
-    if p.get("detector", "builtin") != "builtin":
-        parts.append(f"--detector {p['detector']}")
-    if p.get("backbone"):
-        parts.append(f"--backbone {p['backbone']}")
-    if p.get("max_proposals", 100) != 100:
-        parts.append(f"--max-proposals {p['max_proposals']}")
-    if p.get("detections") is not None:
-        parts.append(f"--detections --detection-threshold {p['detections']}")
-    if path.stem != "detector-default":
-        parts.append(f"--features {path.stem}")
-    if not (path.parent.parent / "dense" / f"{path.stem}.zarr").exists():
-        parts.append("--no-dense")  # it was made without dense maps: do not add hours of them
-    return " ".join(parts + ["--force"])
+    return command(features_file)
+
+
+# The sections of a features artifact (refground.features.contents.NEEDS) each candidate source reads.
+CANDIDATE_NEEDS = {"gt": ("object_features",), "proposals": ("proposals", "proposal_features"), "vlnms": ()}
+
+
+def require_candidate_sections(features_file: Path, sources: Any, step: str = "") -> None:
+    """A one-line :class:`ArtifactError` (before any data is read) when the features artifact lacks a
+    section that one of the candidate ``sources`` (names of :data:`SOURCES`) reads, naming the `refground
+    extract` options that supply it. ``step``: how the message names the consumer (default ``--candidates
+    <source>``)."""
+    from refground.features.contents import require_sections
+
+    for source in dict.fromkeys(sources):
+        if CANDIDATE_NEEDS.get(source):
+            require_sections(features_file, CANDIDATE_NEEDS[source], step or f"--candidates {source}")
 
 
 def proposals_command(proposals_file: Path) -> str:
@@ -175,6 +173,8 @@ def load_candidates(ds: Dataset, features_file: Path, source: str = "gt", top_n:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
     if graph_file is None:
         graph_file = graph_path(ds.name, Path(features_file).parents[2], Path(features_file).stem)
+    # What the features lack comes first: re-running `extract` with the same options would not supply it.
+    require_candidate_sections(features_file, (source,))
     for path, step in ((features_file, "refground extract"), (graph_file, "refground graph")):
         require(path, step, check_parents=True)
     sizes = np.stack([ds.image_height, ds.image_width], axis=1).astype(np.int64)
@@ -253,17 +253,20 @@ def load_query_candidates(ds: Dataset, proposals_file: Path, top_n: int = 10) ->
 
 def query_proposals_path(dataset: str, cache: Any, tag: str, split: str) -> Path:
     """``<cache>/<dataset>/vlnms/<tag>/<split>.h5``: a query-aware proposal set (``<split>.jsonl`` beside it holds
-    the ranked boxes for ``refground eval``)."""
+    the ranked boxes for ``refground eval``). ``tag`` is a VL-NMS run as ``--run`` spells it: another dataset's
+    run ``DATASET/NAME`` finds its set under ``DATASET.NAME`` (:func:`refground.runs.applied_tag`)."""
     from refground.data.store import dataset_dir
-    from refground.train import check_run_name
+    from refground.runs import applied_tag
 
-    return dataset_dir(dataset, cache).parent / QUERY_PROPOSALS / check_run_name(tag) / f"{split}.h5"
+    return dataset_dir(dataset, cache).parent / QUERY_PROPOSALS / applied_tag(tag, "vlnms", dataset, cache) / \
+        f"{split}.h5"
 
 
 @dataclass(frozen=True)
 class CandidateSpec:
     """Where a second stage's candidates come from: ``source`` (one of :data:`SOURCES`), ``top_n`` (per image
-    or per query; unused for ``gt``) and ``run`` (the query-aware proposal set's tag for ``vlnms``)."""
+    or per query; unused for ``gt``) and ``run`` (the query-aware proposal set's tag for ``vlnms``: a plain name,
+    :func:`refground.runs.applied_tag` of how ``--vlnms-run`` spells the run)."""
 
     source: str = "gt"
     top_n: int = 10
@@ -382,6 +385,7 @@ def feature_stats(cands: RaggedBoxes, image_rows: np.ndarray, limit: int | None 
     return torch.from_numpy(x.mean(0).astype(np.float32)), torch.from_numpy(x.std(0).astype(np.float32))
 
 
-__all__ = ["Batch", "CandidateSet", "CandidateSpec", "Flips", "HFLIP_RELATION", "VFLIP_RELATION", "SOURCES",
-           "all_finite", "candidates_for", "check_finite", "extract_command", "feature_stats", "load_candidates",
-           "load_query_candidates", "make_batch", "proposals_command", "query_proposals_path"]
+__all__ = ["Batch", "CANDIDATE_NEEDS", "CandidateSet", "CandidateSpec", "Flips", "HFLIP_RELATION", "VFLIP_RELATION",
+           "SOURCES", "all_finite", "candidates_for", "check_finite", "extract_command", "feature_stats", "load_candidates",
+           "load_query_candidates", "make_batch", "proposals_command", "query_proposals_path",
+           "require_candidate_sections"]

@@ -24,10 +24,18 @@ CANDIDATE_OPTIONS = (
 )
 
 
-def _spec(candidates: str = "gt", top_n: int = 10, vlnms_run: str = "fc-bce") -> Any:
-    from refground.grounding.candidates import CandidateSpec
+PREDICT_FEATURES = Option("features", str, None, "Features artifact to read (default: the run's own; for another "
+                          "dataset's run, this dataset's features from the run's extractor).")
 
-    return CandidateSpec(candidates, int(top_n), vlnms_run if candidates == "vlnms" else "")
+
+def _spec(dataset: str, cache: Any, candidates: str = "gt", top_n: int = 10, vlnms_run: str = "fc-bce") -> Any:
+    """The CandidateSpec of the candidate options; ``--vlnms-run DATASET/NAME`` (another dataset's VL-NMS run
+    applied here) becomes the tag of its proposal set, ``DATASET.NAME``."""
+    from refground.grounding.candidates import CandidateSpec
+    from refground.runs import applied_tag
+
+    run = applied_tag(vlnms_run, "vlnms", dataset, cache) if candidates == "vlnms" else ""
+    return CandidateSpec(candidates, int(top_n), run)
 
 
 def train(dataset: str, cache: Any, run: str | None, *, variant: str | None = None, config: dict | None = None,
@@ -61,11 +69,23 @@ def train_tables(result: dict[str, Any]) -> list[Any]:
     return tables
 
 
+def _split_features(opts: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The candidate options of ``opts`` and its ``features`` (None: the run's choice)."""
+    opts = dict(opts)
+    return opts, opts.pop("features", None)
+
+
 def predict(dataset: str, cache: Any, run: str | None, jobs: list[tuple[str, dict[str, Any]]], *,
             force: bool = False) -> list[dict[str, Any]]:
     from refground.methods.cmrin.run import predict_cmrin_many
 
-    return predict_cmrin_many(dataset, cache, run or "cmrin", [(split, _spec(**opts)) for split, opts in jobs], force)
+    split_opts = [(split, *_split_features(opts)) for split, opts in jobs]
+    features = {f for _, _, f in split_opts}
+    if len(features) > 1:
+        raise ValueError("one features artifact per predict call")
+    return predict_cmrin_many(dataset, cache, run or "cmrin",
+                              [(split, _spec(dataset, cache, **opts)) for split, opts, _ in split_opts], force,
+                              features.pop() if features else None)
 
 
 def show(dataset: str, cache: Any, run: str | None, query_id: int, out: Path, show_mask: bool = True,
@@ -78,7 +98,8 @@ def show(dataset: str, cache: Any, run: str | None, query_id: int, out: Path, sh
 
     run = run or "cmrin"
     ds = load_named(dataset, cache)
-    ex = explain_query(dataset, cache, run, query_id, _spec(**options))
+    options, features = _split_features(options)
+    ex = explain_query(dataset, cache, run, query_id, _spec(dataset, cache, **options), features)
     image = render_cmrin_figure(ds, ex["query"], ex["boxes"], ex["scores"], ex.get("vertex_gates"),
                                 candidates=ex["candidates"], show_mask=show_mask)
     save_png(image, out)
@@ -91,7 +112,7 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None) 
     from refground.atomic import atomic_file
     from refground.data.store import dataset_dir
     from refground.methods.cmrin.report import KINDS, ablation_table
-    from refground.tables import EVAL_SPLITS, TableData
+    from refground.tables import EVAL_SPLITS, PERCENT, TEXT, TableData
     from refground.train import run_names
 
     res = ablation_table(dataset, cache, run_names(runs))
@@ -99,9 +120,9 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None) 
     with atomic_file(path) as fh:
         fh.write(res["markdown"])
     cols = [*EVAL_SPLITS, *[f"{s}/{k}" for s in EVAL_SPLITS for k in KINDS]]
-    rows = [[r["run"], *[r.get(c, "-") for c in cols]] for r in res["rows"]]
-    table = TableData(f"CMRIN ablation (Table 2) on {dataset}: Precision@1, ground-truth objects", ["run", *cols],
-                      rows)
+    rows = [[r["run"], *[r.get(c) for c in cols]] for r in res["rows"]]
+    table = TableData(f"CMRIN ablation (Table 2) on {dataset}: Precision@1 (%), ground-truth objects", ["run", *cols],
+                      rows, [TEXT, *[PERCENT] * len(cols)])
     return {"markdown_path": str(path), "tables": [table],
             "json": {"dataset": dataset, "markdown_path": str(path), "rows": res["rows"]}}
 
@@ -121,9 +142,9 @@ METHOD = Method(
     ),
     train_tables=train_tables,
     predict=predict,
-    predict_options=CANDIDATE_OPTIONS,
+    predict_options=(*CANDIDATE_OPTIONS, PREDICT_FEATURES),
     show=show,
-    show_options=CANDIDATE_OPTIONS,
+    show_options=(*CANDIDATE_OPTIONS, PREDICT_FEATURES),
     report=report,
     report_options=(Option("runs", str, None, "Comma-separated run names (default: every Table 2 variant with a "
                            "trained run: instance, global-2, guided-2, fusion-1, fusion-3, cmrin)."),),

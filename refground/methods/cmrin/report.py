@@ -51,7 +51,7 @@ def ablation_table(dataset: str = "synth", cache: Any = None, runs: tuple[str, .
 def render_markdown(rows: list[dict[str, Any]], splits: tuple[str, ...] = EVAL_SPLITS) -> str:
     cols = [*splits, *[f"{s}/{k}" for s in splits for k in KINDS]]
     head = "| # | variant | " + " | ".join(c.replace("/", " ") for c in cols) + " |"
-    lines = [head, "|---" * (len(cols) + 2) + "|"]
+    lines = ["Precision@1 (%), ground-truth objects as candidates:", "", head, "|---" * (len(cols) + 2) + "|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i} | {r['label']} | " + " | ".join(pct(r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"

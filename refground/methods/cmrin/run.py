@@ -25,14 +25,16 @@ from refground.data.store import dataset_dir, load_dataset
 from refground.errors import UsageError
 from refground.features.pipeline import features_path
 from refground.graph_artifact import graph_path
-from refground.grounding.candidates import (HFLIP_WORDS, VFLIP_WORDS, CandidateSet, CandidateSpec, Flips,
-                                            candidates_for, feature_stats, load_candidates, make_batch)
+from refground.grounding.candidates import (CANDIDATE_NEEDS, HFLIP_WORDS, VFLIP_WORDS, CandidateSet, CandidateSpec,
+                                            Flips, candidates_for, feature_stats, load_candidates, make_batch,
+                                            require_candidate_sections)
 from refground.grounding.queries import (QueryTable, encode_queries, encode_query_rows, flip_word_map,
                                          single_referent_rows)
 from refground.methods.cmrin.model import CMRIN, CMRINConfig, triplet_loss
 from refground.progress import track
+from refground.runs import RunRef, local_run_name, resolve_run
 from refground.text.vocab import Vocabulary
-from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
+from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, complete_run,
                              config_params, fit, load_run_folder, step_decay)
 
 STEP = "train.cmrin@1"
@@ -41,8 +43,8 @@ EVAL_BATCH = 256
 
 
 def run_dir(dataset: str, cache: Any, name: str) -> Path:
-    """``<cache>/<dataset>/runs/cmrin/<name>``."""
-    return dataset_dir(dataset, cache).parent / "runs" / "cmrin" / check_run_name(name)
+    """``<cache>/<dataset>/runs/cmrin/<name>``: where training writes (``name`` plain or ``<dataset>/NAME``)."""
+    return dataset_dir(dataset, cache).parent / "runs" / "cmrin" / local_run_name(name, "cmrin", dataset)
 
 
 def _inputs(dataset: str, cache: Any, features: str) -> tuple[Path, Path, Path]:
@@ -115,6 +117,8 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     """
     t_start = time.perf_counter()
     config = config or CMRINConfig()
+    # What the features lack is said first (before "run `refground graph`", before any loading).
+    require_candidate_sections(features_path(dataset, cache, features), ("gt",), "`refground train cmrin`")
     ds_dir, f_path, g_path = _inputs(dataset, cache, features)
     out = run_dir(dataset, cache, name)
     params = {"config": config_params(config.to_dict()),
@@ -167,51 +171,95 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
         return result
 
 
-def predictions_path(run: Path, split: str, spec: CandidateSpec) -> Path:
-    """``<run>/predictions/<split>.<candidates tag>.jsonl``."""
-    return Path(run) / "predictions" / f"{split}.{spec.tag}.jsonl"
+def predictions_path(run: Path, split: str, spec: CandidateSpec, folder: Path | None = None,
+                     features: str | None = None) -> Path:
+    """``<run>/predictions/<split>.<candidates tag>.jsonl``; for a run applied to another dataset than its own,
+    ``folder`` (that dataset's ``predictions/cmrin/<run tag>``) instead of the run's ``predictions``; with
+    ``features`` (a features artifact the user chose over the run's own) ``<split>.<tag>.<features>.jsonl``, so
+    predictions on two artifacts never replace each other."""
+    name = f"{split}.{spec.tag}" + (f".{features}" if features else "") + ".jsonl"
+    return (Path(folder) if folder is not None else Path(run) / "predictions") / name
 
 
 def predict_cmrin(dataset: str, cache: Any, name: str, split: str, spec: CandidateSpec = CandidateSpec(),
-                  force: bool = False) -> dict[str, Any]:
+                  force: bool = False, features: str | None = None) -> dict[str, Any]:
     """Write (or find current) the predictions of run ``name`` on ``split``: for every expression query its
     ranked candidates (``boxes``, ``scores``; ``box`` the top one). Returns ``{"path", "status", ...}``."""
-    return predict_cmrin_many(dataset, cache, name, [(split, spec)], force)[0]
+    return predict_cmrin_many(dataset, cache, name, [(split, spec)], force, features)[0]
+
+
+def resolve_for(dataset: str, cache: Any, name: str, features: str | None = None,
+                sources: tuple[str, ...] = ("gt",)) -> tuple[RunRef, Any, Path, Path, Path]:
+    """The run ``name`` (``NAME``, ``DATASET/NAME`` or a folder: :func:`refground.runs.resolve_run`) as applied
+    to ``dataset``: ``(ref, manifest, dataset folder, features file, graph file)``. The features are ``features``
+    if given, else the run's own on its own dataset, and on another dataset the artifact extracted with the
+    extractor the run was trained on that holds what the candidate ``sources`` read
+    (:func:`refground.grounding.transfer.features_for_run`)."""
+    from refground.data.store import cache_root
+    from refground.grounding.transfer import features_for_run
+
+    ref = resolve_run(name, "cmrin", dataset, cache)
+    m = complete_run(ref.path, "cmrin")
+    if ref.local:
+        features = features or m.params.get("features", "detector-default")
+    else:
+        train_features = m.parents.get("features")
+        if train_features is None and features is None:
+            raise UsageError(f"{ref.path}: the run records no features artifact; give --features NAME")
+        needs = tuple(dict.fromkeys(n for src in sources for n in CANDIDATE_NEEDS.get(src, ())))
+        features = features_for_run(Path(train_features.path), cache_root(cache) / dataset, dataset, features,
+                                    needs) if train_features is not None else features
+    ds_dir, f_path, g_path = _inputs(dataset, cache, features)
+    return ref, m, ds_dir, f_path, g_path
 
 
 def predict_cmrin_many(dataset: str, cache: Any, name: str, jobs: list[tuple[str, CandidateSpec]],
-                       force: bool = False) -> list[dict[str, Any]]:
+                       force: bool = False, features: str | None = None) -> list[dict[str, Any]]:
     """:func:`predict_cmrin` for several ``(split, candidates)`` at once: the run, the dataset and each
     per-image candidate set are loaded once, and only when some predictions file is missing or stale.
     Candidates come through the shared interface (:func:`refground.grounding.candidates.candidates_for`):
-    ground-truth objects, the detector's proposals, or any query-aware proposal set."""
-    from refground.cache.manifest import parent_fingerprints
+    ground-truth objects, the detector's proposals, or any query-aware proposal set.
 
-    out = run_dir(dataset, cache, name)
-    m = complete_run(out, "cmrin")
-    ds_dir, f_path, g_path = _inputs(dataset, cache, m.params.get("features", "detector-default"))
-    parents = {"run": parent("file", out / MODEL_FILE), "features": parent("artifact", f_path),
+    ``name`` may be another dataset's run (``DATASET/NAME``) or a run folder: it is applied as trained (its
+    vocabulary, its feature statistics) to ``dataset``'s features of the same extractor, and its predictions go
+    to ``<cache>/<dataset>/predictions/cmrin/<DATASET.NAME>/``; the manifest records the run's origin and every
+    result the words of the split the run never saw (``unknown_words``)."""
+    from refground.cache.manifest import parent_fingerprints
+    from refground.data.store import cache_root
+
+    sources = tuple(dict.fromkeys(spec.source for _, spec in jobs))
+    ref, m, ds_dir, f_path, g_path = resolve_for(dataset, cache, name, features, sources)
+    require_candidate_sections(f_path, sources)  # before any loading
+    folder = None if ref.local else cache_root(cache) / dataset / "predictions" / "cmrin" / ref.tag
+    # An artifact the user chose over the run's own training features gets its own predictions files.
+    suffix = features if features is not None and features != m.params.get("features") else None
+    parents = {"run": parent("file", ref.path / MODEL_FILE), "features": parent("artifact", f_path),
                "graph": parent("artifact", g_path), "dataset": parent("dataset", ds_dir)}
     parent_fps = parent_fingerprints(parents)
     # Each predictions file is written by one process at a time: its lock is held from its cache-hit check to
     # its manifest (a second `eval` of the same run and split is refused, not raced).
     with contextlib.ExitStack() as locks:
-        return _predict_locked(locks, dataset, cache, out, jobs, force, ds_dir, f_path, g_path, parents, parent_fps)
+        return _predict_locked(locks, dataset, cache, ref, ref.origin(m.fingerprint), (folder, suffix), jobs, force,
+                               ds_dir, f_path, g_path, parents, parent_fps)
 
 
-def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, out: Path,
-                    jobs: list[tuple[str, CandidateSpec]], force: bool, ds_dir: Path, f_path: Path, g_path: Path,
-                    parents: dict[str, Any], parent_fps: dict[str, str]) -> list[dict[str, Any]]:
+def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, ref: RunRef, origin: dict[str, Any],
+                    where: tuple[Path | None, str | None], jobs: list[tuple[str, CandidateSpec]], force: bool,
+                    ds_dir: Path, f_path: Path, g_path: Path, parents: dict[str, Any], parent_fps: dict[str, str]
+                    ) -> list[dict[str, Any]]:
     """:func:`predict_cmrin_many` after the inputs are checked; takes each predictions file's lock into
-    ``locks`` before looking at it."""
+    ``locks`` before looking at it. ``where``: the predictions folder (None: the run's) and features suffix
+    of :func:`predictions_path`."""
     from refground.cache import current_extra, current_fingerprint
     from refground.cache.lock import artifact_lock
     from refground.eval.predictions import write_predictions
+    from refground.grounding.transfer import check_feature_width, split_unknown_words
 
+    out = ref.path
     results: list[dict[str, Any]] = []
     todo = []
     for split, spec in jobs:
-        path = predictions_path(out, split, spec)
+        path = predictions_path(out, split, spec, *where)
         locks.enter_context(artifact_lock(path))
         params = {"split": split, "source": spec.key, "top_n": int(spec.top_n) if spec.source != "gt" else 0}
         p_path = spec.proposals_file(dataset, cache, split)
@@ -219,7 +267,8 @@ def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, out: 
             require(p_path, f"refground vlnms --run {spec.run} --split {split}", check_parents=True)
             params["proposals"] = current_fingerprint("artifact", p_path)
         fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
-        results.append({"path": str(path), "split": split, "candidates": spec.tag, "status": "hit"})
+        results.append({"path": str(path), "split": split, "candidates": spec.tag, "status": "hit",
+                        "features": f_path.stem, "run_origin": origin})
         hit = current_extra(path, fp, force)
         if hit is None:
             todo.append((results[-1], path, split, spec, p_path, params, fp))
@@ -238,6 +287,8 @@ def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, out: 
             if spec not in cand_sets:
                 cand_sets[spec] = candidates_for(ds, spec, queries, f_path, g_path)[0]
             cands = cand_sets[spec]
+        check_feature_width(run.config.visual_dim, cands.feature_dim, f_path, out)
+        unknown = split_unknown_words(ds, split, run.vocab)
         t0 = time.perf_counter()
         scored = score_queries(run.model, queries, cands, description=f"cmrin {split} ({spec.tag})")
         seconds = time.perf_counter() - t0
@@ -253,13 +304,14 @@ def _predict_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, out: 
         write_predictions(path, lines)
         ms = round(1000 * seconds / max(1, len(queries)), 4)
         write_manifest(path, step=PREDICT_STEP, params=params, parents=parents, fingerprint=fp, kind="predictions",
-                       extra={"queries": len(lines), "seconds": round(seconds, 3), "ms_per_query": ms})
-        result.update(status="written", queries=len(lines), ms_per_query=ms)
+                       extra={"queries": len(lines), "seconds": round(seconds, 3), "ms_per_query": ms,
+                              "unknown_words": unknown, "run_origin": origin})
+        result.update(status="written", queries=len(lines), ms_per_query=ms, unknown_words=unknown)
     return results
 
 
-def explain_query(dataset: str, cache: Any, name: str, query_id: int, spec: CandidateSpec = CandidateSpec()
-                  ) -> dict[str, Any]:
+def explain_query(dataset: str, cache: Any, name: str, query_id: int, spec: CandidateSpec = CandidateSpec(),
+                  features: str | None = None) -> dict[str, Any]:
     """Everything Figure 4 draws for one query: ``query`` (record), ``boxes`` float32[K, 4], ``scores``
     float32[K] (eq. 8), ``vertex_gates`` float32[K] (eq. 4; absent for the global-language variants),
     ``edge_gates`` float32[11], ``word_types`` float32[T, 4], ``tokens`` list[str], ``candidates`` tag."""
@@ -267,9 +319,8 @@ def explain_query(dataset: str, cache: Any, name: str, query_id: int, spec: Cand
     q = ds.query(query_id)
     if q.task != "expression":
         raise UsageError(f"query {query_id} is a caption; CMRIN grounds referring expressions")
-    out = run_dir(dataset, cache, name)
-    run = load_run(out)
-    _, f_path, g_path = _inputs(dataset, cache, run.params.get("features", "detector-default"))
+    ref, _, _, f_path, g_path = resolve_for(dataset, cache, name, features, (spec.source,))
+    run = load_run(ref.path)
     table = encode_query_rows(ds, np.array([ds.query_row(q.id)]), run.vocab)
     cands, table = candidates_for(ds, spec, table, f_path, g_path, spec.proposals_file(dataset, cache, q.split))
     item = score_queries(run.model, table, cands, extras=True)[0]

@@ -108,7 +108,7 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None, 
     from refground.data.store import dataset_dir
     from refground.errors import UsageError
     from refground.methods.vlnms.report import recall_plot, vlnms_tables
-    from refground.tables import EVAL_SPLITS, TableData, pct
+    from refground.tables import EVAL_SPLITS, PERCENT, TEXT, TableData
     from refground.train import run_names
 
     if timing_images < 1:
@@ -119,12 +119,14 @@ def report(dataset: str, cache: Any, out: Path | None, runs: str | None = None, 
     pngs = [str(recall_plot(res, s, path.with_name(f"{path.stem}_recall_{s}.png"))) for s in EVAL_SPLITS]
     with atomic_file(path) as fh:
         fh.write(res["markdown"] + "\n" + "\n".join(f"![recall@N]({Path(p).name})" for p in pngs) + "\n")
-    rows = [[res["labels"][tag], *[pct(per.get(s, {}).get("recall@10")) for s in EVAL_SPLITS]]
+    rows = [[res["labels"][tag], *[per.get(s, {}).get("recall@10") for s in EVAL_SPLITS]]
             for tag, per in res["recall"].items()]
-    prec = [[res["labels"].get(k, k), *[pct(per.get(s)) for s in EVAL_SPLITS]] for k, per in res["precision"].items()]
+    prec = [[res["labels"].get(k, k), *[per.get(s) for s in EVAL_SPLITS]] for k, per in res["precision"].items()]
+    kinds = [TEXT, *[PERCENT] * len(EVAL_SPLITS)]  # split names say nothing of the figure
     return {"markdown_path": str(path),
-            "tables": [TableData("referent recall@10 (%)", ["proposals", *EVAL_SPLITS], rows),
-                       TableData(f"CMRIN {cmrin_run!r} Precision@1 (%), top 10", ["candidates", *EVAL_SPLITS], prec)],
+            "tables": [TableData("referent recall@10 (%)", ["proposals", *EVAL_SPLITS], rows, kinds),
+                       TableData(f"CMRIN {cmrin_run!r} Precision@1 (%), top 10", ["candidates", *EVAL_SPLITS], prec,
+                                 kinds)],
             "json": {"dataset": dataset, "markdown_path": str(path), "pngs": pngs,
                      **{k: v for k, v in res.items() if k != "markdown"}}}
 
@@ -135,7 +137,7 @@ def pseudo(dataset: str, cache: Any, *, seed: int = 0, force: bool = False, gamm
     from refground.data.model import check_split_name
     from refground.errors import UsageError
     from refground.methods.vlnms.pseudo import build_pseudo_vlnms, check_options
-    from refground.tables import TableData
+    from refground.tables import SECONDS, TableData, format_value
 
     check_options(gamma, parser)
     check_split_name(split)
@@ -149,7 +151,8 @@ def pseudo(dataset: str, cache: Any, *, seed: int = 0, force: bool = False, gamm
                 *[r[k] if r[k] is not None else "-" for k in ("precision", "recall", "referent_matched")]]
 
     rows = [row(k, r) for k, r in res["per_kind"].items()] + [row("all", res)]
-    title = f"pseudo vlnms {dataset} (gamma {res['gamma']}, parser {res['parser']}, {res['seconds']} s)"
+    title = (f"pseudo vlnms {dataset} (gamma {res['gamma']}, parser {res['parser']}, "
+             f"{format_value(res['seconds'], SECONDS)} s)")
     table = TableData(title, ["kind", "queries", "pseudo/query", "precision", "recall", "referent matched"], rows)
     return {**res, "tables": [table], "json": res}
 

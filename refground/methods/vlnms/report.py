@@ -24,7 +24,7 @@ import numpy as np
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError
 from refground.eval.metrics import RECALL_NS
-from refground.tables import EVAL_SPLITS, pct
+from refground.tables import EVAL_SPLITS, MS, format_value, pct
 from refground.train import MODEL_FILE
 
 RUNS = ("fc-bce", "fc-rank", "trans-bce")
@@ -190,14 +190,14 @@ def render_markdown(t: dict[str, Any], splits: tuple[str, ...] = EVAL_SPLITS) ->
     lines += ["", f"### Table 6: milliseconds per image ({tm['images']} images, {tm['threads']} threads, "
               f"{tm['queries_per_image']} queries per image)", "",
               "| stage | ms per image | extra over the detector |", "|---|---|---|",
-              f"| detector (plain proposals) | {tm['detector_ms']:.2f} | - |",
-              f"| detector + pre-NMS detection set | {tm['detector_with_detections_ms']:.2f} | "
-              f"{100 * (tm['detector_with_detections_ms'] / tm['detector_ms'] - 1):.1f}% |"]
+              f"| detector (plain proposals) | {format_value(tm['detector_ms'], MS)} | - |",
+              f"| detector + pre-NMS detection set | {format_value(tm['detector_with_detections_ms'], MS)} | "
+              f"{pct(tm['detector_with_detections_ms'] / tm['detector_ms'] - 1)}% |"]
     for tag, ms in tm["vlnms_ms"].items():
-        lines.append(f"| {t['labels'].get(tag, tag)} (scoring + NMS) | {ms:.2f} | "
-                     f"{100 * tm['overhead'][tag]:.1f}% (with the detection set) |")
+        lines.append(f"| {t['labels'].get(tag, tag)} (scoring + NMS) | {format_value(ms, MS)} | "
+                     f"{pct(tm['overhead'][tag])}% (with the detection set) |")
     if tm.get("cmrin_ms") is not None:
-        lines.append(f"| CMRIN (10 candidates, all queries) | {tm['cmrin_ms']:.2f} | - |")
+        lines.append(f"| CMRIN (10 candidates, all queries) | {format_value(tm['cmrin_ms'], MS)} | - |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,11 +206,14 @@ def recall_plot(t: dict[str, Any], split: str, path: Path) -> Path:
     from refground.atomic import atomic_file
     from refground.plots import line_chart
 
-    xs = [float(np.log10(n)) for n in RECALL_NS]  # N spans 1..100: a log axis keeps the small N readable
-    series = {t["labels"][tag]: (xs, [100 * per[split][f"recall@{n}"] for n in RECALL_NS])
+    def pct_or_none(value: Any) -> float | None:
+        return None if value is None else 100 * value
+
+    series = {t["labels"][tag]: (list(RECALL_NS), [pct_or_none(per[split].get(f"recall@{n}")) for n in RECALL_NS])
               for tag, per in t["recall"].items() if split in per}
-    img = line_chart(series, f"referent recall@N, {split} (N = 1, 3, 5, 10, 20, 100)", "log10 N", "recall (%)",
-                     size=(720, 480), y_range=(0.0, 100.0))
+    # N spans 1..100: a log axis keeps the small N readable; the ticks are the measured N themselves.
+    img = line_chart(series, f"referent recall@N, {split}", "N (proposals kept per expression)", "recall@N (%)",
+                     size=(720, 480), y_range=(0.0, 100.0), x_log=True, x_ticks=RECALL_NS)
     with atomic_file(Path(path), "wb") as fh:
         img.save(fh, format="PNG")
     return Path(path)

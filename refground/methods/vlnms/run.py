@@ -36,15 +36,17 @@ from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
+from refground.features.contents import require_sections
 from refground.features.pipeline import features_path
 from refground.grounding.candidates import check_finite, extract_command, feature_stats, query_proposals_path
 from refground.grounding.queries import QueryTable, encode_queries, single_referent_rows
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
+from refground.runs import local_run_name, resolve_run
 from refground.structures import RaggedBoxes, offsets_of
 from refground.text.vocab import Vocabulary
-from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, check_run_name, complete_run,
+from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, complete_run,
                              config_params, fit, load_run_folder, step_decay)
 
 STEP = "train.vlnms@1"
@@ -60,8 +62,9 @@ MIN_WORD_COUNT = 2  # Sec. 4.1: words seen fewer than 2 times in train are "unk"
 
 
 def run_dir(dataset: str, cache: Any, name: str) -> Path:
-    """``<cache>/<dataset>/runs/vlnms/<name>``."""
-    if check_run_name(name) == CONFIDENCE:
+    """``<cache>/<dataset>/runs/vlnms/<name>``: where training writes (``name`` plain or ``<dataset>/NAME``)."""
+    name = local_run_name(name, "vlnms", dataset)
+    if name == CONFIDENCE:
         raise UsageError(f"run name {CONFIDENCE!r} is reserved for confidence-only NMS")
     return dataset_dir(dataset, cache).parent / "runs" / "vlnms" / name
 
@@ -118,10 +121,8 @@ def _pair_index(a_off: np.ndarray, b_off: np.ndarray) -> tuple[np.ndarray, np.nd
 def load_detections(ds: Dataset, features_file: Path) -> DetectionSet:
     """The ``detections/`` group of a features artifact, with each detection's IoU with its image's objects."""
     require(features_file, "refground extract --detections", check_parents=True)
+    require_sections(features_file, ("detections",), "VL-NMS")
     with RaggedH5(features_file) as f:
-        if not f.has("detections"):
-            raise ArtifactError(f"{features_file}: no pre-NMS detections; run "
-                                "`refground extract --detections --force`")
         if not np.array_equal(f.table("images", "ids"), ds.image_ids):
             raise ArtifactError(f"{features_file}: its images differ from the dataset's; run `refground extract --force`")
         raw = RaggedBoxes.read(f, "detections", ("scores", "labels", "features"))
@@ -468,6 +469,7 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
     ds_dir = dataset_dir(dataset, cache)
     f_path = features_path(dataset, cache, features)
     pseudo_map, pseudo_parent = _pseudo(dataset, cache, pseudo)
+    require_sections(f_path, ("detections",), "`refground train vlnms`")  # before any loading
     require(f_path, "refground extract --detections", check_parents=True)
     out = run_dir(dataset, cache, name)
     params = {"config": config_params(config.to_dict()),
@@ -551,21 +553,36 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
               ) -> list[dict[str, Any]]:
     """Write (or find current) the query-aware proposals of each split: with ``run`` a trained VL-NMS run,
     without it confidence-only NMS on the same detections. Returns per split ``{"path", "status", "recall@N"...,
-    "ms_per_image"...}``."""
+    "ms_per_image"...}``.
+
+    ``run`` may be another dataset's (``DATASET/NAME``) or a run folder: applied as trained to this dataset's
+    detections of the same extractor, its proposal set is tagged ``DATASET.NAME`` (:attr:`RunRef.tag`)."""
     _check_floor(min_confidence)
     ds_dir = dataset_dir(dataset, cache)
     parents: dict[str, Any] = {"dataset": parent("dataset", ds_dir)}
+    rpath, timing_extra = None, {}
     if run is not None:
-        rpath = run_dir(dataset, cache, run)
+        from refground.grounding.transfer import features_for_run
+
+        ref = resolve_run(run, "vlnms", dataset, cache)
+        if ref.local and ref.name == CONFIDENCE:
+            raise UsageError(f"run name {CONFIDENCE!r} is reserved for confidence-only NMS")
+        rpath = ref.path
         m = complete_run(rpath, "vlnms")
-        features = features or m.params.get("features", "detector-default")
+        if ref.local or "features" not in m.parents:
+            features = features or m.params.get("features", "detector-default")
+        else:
+            features = features_for_run(Path(m.parents["features"].path), ds_dir.parent, dataset, features,
+                                        ("detections",))
         parents["run"] = parent("file", rpath / MODEL_FILE)
-        tag = run
+        tag = ref.tag
+        timing_extra = {"run_origin": ref.origin(m.fingerprint)}
     else:
         features = features or "detector-default"
         tag = CONFIDENCE
     f_path = features_path(dataset, cache, features)
     require(f_path, "refground extract --detections", check_parents=True)
+    require_sections(f_path, ("detections",), "`refground vlnms`")
     parents["features"] = parent("artifact", f_path)
     parent_fps = parent_fingerprints(parents)
     params = {"top_n": int(top_n), "nms_threshold": float(nms_threshold), "class_agnostic": bool(class_agnostic)}
@@ -574,16 +591,17 @@ def run_vlnms(dataset: str, cache: Any = None, run: str | None = None, splits: t
     # Each proposal set is written by one process at a time: its lock is held from its cache-hit check to its
     # manifest (a second `refground vlnms` of the same tag and split is refused, not raced).
     with contextlib.ExitStack() as locks:
-        return _run_vlnms_locked(locks, dataset, cache, run, splits, tag, params, parents, parent_fps, ds_dir,
+        return _run_vlnms_locked(locks, dataset, cache, (rpath, timing_extra), splits, tag, params, parents, parent_fps, ds_dir,
                                  f_path, top_n, nms_threshold, class_agnostic, min_confidence, force)
 
 
-def _run_vlnms_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, run: str | None,
+def _run_vlnms_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, run_of: tuple[Path | None, dict],
                       splits: tuple[str, ...], tag: str, params: dict[str, Any], parents: dict[str, Any],
                       parent_fps: dict[str, str], ds_dir: Path, f_path: Path, top_n: int, nms_threshold: float,
                       class_agnostic: bool, min_confidence: float, force: bool) -> list[dict[str, Any]]:
     """:func:`run_vlnms` once its inputs are checked; takes each proposal set's lock into ``locks`` before
-    looking at it."""
+    looking at it. ``run_of``: the run folder (None: confidence-only NMS) and what its manifests record of it."""
+    run, origin = run_of
     from refground.cache.lock import artifact_lock
 
     results, todo = [], []
@@ -602,7 +620,11 @@ def _run_vlnms_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, run
         return results
     ds = load_dataset(ds_dir)
     dets = load_detections(ds, f_path)
-    loaded = load_vlnms_run(run_dir(dataset, cache, run)) if run is not None else None
+    loaded = load_vlnms_run(run) if run is not None else None
+    if loaded is not None:
+        from refground.grounding.transfer import check_feature_width
+
+        check_feature_width(loaded.config.visual_dim, dets.feature_dim, f_path, run)
     vocab = loaded.vocab if loaded else Vocabulary.build([])  # confidence-only NMS reads no words
     max_words = loaded.config.max_words if loaded else 40
     for res, path, split, fp in todo:
@@ -617,6 +639,6 @@ def _run_vlnms_locked(locks: contextlib.ExitStack, dataset: str, cache: Any, run
                   "threads": torch.get_num_threads()}
         write_proposals(path, props, dets, {**params, "split": split, "tag": tag})
         write_manifest(path, step=APPLY_STEP, params={**params, "split": split}, parents=parents, fingerprint=fp,
-                       kind="vlnms", extra={**figures, **timing})
-        res.update(status="written", **figures, **timing)
+                       kind="vlnms", extra={**figures, **timing, **origin})
+        res.update(status="written", **figures, **timing, **origin)
     return results
