@@ -116,10 +116,11 @@ def complete_run(path: Path, method: str) -> Any:
     from refground.cache import require
     from refground.errors import ArtifactError
 
-    m = require(path, f"refground train {method} --run {path.name}")
+    # With --dataset when the run is another dataset's than the default one.
+    retrain = retrain_command(path).replace("train <method>", f"train {method}")
+    m = require(path, retrain.removesuffix(" --force"))
     if not (path / CONFIG_FILE).is_file() or not (path / MODEL_FILE).is_file():
-        raise ArtifactError(f"{path}: run without config or weights; "
-                            f"run `refground train {method} --run {path.name} --force`")
+        raise ArtifactError(f"{path}: run without config or weights; run `{retrain}`")
     return m
 
 

@@ -168,3 +168,9 @@ def test_run_folder_path_and_chosen_features_keep_apart(two_worlds, capsys):
     # The run's own predictions are still there and still current (a hit, not rewritten).
     again = run_json(capsys, "eval", "--method", "cmrin", "--run", "cmrin", "--split", "val", "--cache", c)
     assert again["predictions"] == own["predictions"] and again["comprehension"] == own["comprehension"]
+
+
+def test_a_missing_run_of_another_dataset_names_its_training(two_worlds, capsys):
+    err = fail(capsys, "eval", "--method", "cmrin", "--run", "other/nope", "--split", "val", "--cache",
+               str(two_worlds))
+    assert "refground train cmrin --dataset other --run nope" in err
