@@ -137,13 +137,6 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def barrier() -> None:
-    """Wait until every process reaches this point (no-op without a process group)."""
-    td = _group()
-    if td is not None:
-        td.barrier()
-
-
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank (pickled; tensors come back on the CPU); ``obj`` itself without a
     process group."""
@@ -220,6 +213,6 @@ def shard(batch: Any, rank: int, world: int) -> Any:
     return batch[n * rank // world:n * (rank + 1) // world]
 
 
-__all__ = ["FailedOnMain", "TIMEOUT_S", "all_gather_object", "all_reduce_sum", "barrier", "broadcast_object",
+__all__ = ["FailedOnMain", "TIMEOUT_S", "all_gather_object", "all_reduce_sum", "broadcast_object",
            "exit_code_of", "fail_together", "from_env", "init_from_env", "is_main", "on_main", "rank", "shard",
            "shutdown", "world_size"]

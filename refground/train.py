@@ -318,12 +318,16 @@ class RunSpec:
         # The curve goes with the state: processes on other machines may not see the run folder.
         return {**state, "curve": curve} if set(range(1, done + 1)) <= epochs else None
 
-    def start(self, name: str, force: bool) -> dict[str, Any]:
+    def start(self, name: str, force: bool, started: float | None = None) -> dict[str, Any]:
         """The run's summary so far, ``{"run", "name", "fingerprint", "cache_hit"}``; for a complete run with this
-        fingerprint (and not ``force``) ``cache_hit`` is True and its cached figures are merged in, so the
-        trainer returns it without training. A complete run of other settings is refused
-        (:meth:`check_overwrite`). Call it holding :meth:`lock`; rank 0 decides for every rank."""
-        return distributed.on_main(lambda: self._start(name, force))
+        fingerprint (and not ``force``) ``cache_hit`` is True and its cached figures are merged in, with
+        ``seconds`` since ``started`` (a ``time.perf_counter()`` value) where given, so the trainer returns it
+        as it is, without training. A complete run of other settings is refused (:meth:`check_overwrite`).
+        Call it holding :meth:`lock`; rank 0 decides for every rank."""
+        result = distributed.on_main(lambda: self._start(name, force))
+        if result["cache_hit"] and started is not None:
+            result["seconds"] = round(time.perf_counter() - started, 3)
+        return result
 
     def _start(self, name: str, force: bool) -> dict[str, Any]:
         result: dict[str, Any] = {"run": str(self.out_dir), "name": name, "fingerprint": self.fingerprint,

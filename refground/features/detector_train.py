@@ -386,9 +386,9 @@ def train_detector(ds: Dataset, out_dir: str | Path, config: DetectorConfig | No
 def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int, resume: bool, force: bool,
                   evaluate: bool, t_start: float) -> dict[str, Any]:
     """:func:`train_detector` once the run folder's lock is held."""
-    result = spec.start(spec.out_dir.name, force)  # refuses a complete run of other settings
+    result = spec.start(spec.out_dir.name, force, t_start)  # refuses a complete run of other settings
     if result["cache_hit"]:
-        result.update(epochs=config.epochs, resumed_from=config.epochs, seconds=round(time.perf_counter() - t_start, 3))
+        result.update(epochs=config.epochs, resumed_from=config.epochs)
         return result
 
     state = spec.begin(config.to_dict(), None, resume, force)

@@ -28,6 +28,7 @@ from torch import Tensor
 from refground.cache import RaggedH5, require
 from refground.data.model import Dataset
 from refground.errors import ArtifactError, UsageError
+from refground.features.contents import extract_command, require_sections
 from refground.graph_artifact import graph_path
 from refground.grounding.queries import QueryTable, group_queries
 from refground.structures import RaggedBoxes, offsets_of
@@ -68,15 +69,6 @@ def check_finite(path: Path, remedy: str, **arrays: np.ndarray) -> None:
                                 f"run `{remedy}`")
 
 
-def extract_command(features_file: Path) -> str:
-    """The ``refground extract ... --force`` command that rewrites the features artifact ``features_file``
-    (``<cache>/<dataset>/features/<name>.h5``) with the options recorded in its manifest
-    (:func:`refground.features.contents.extract_command`)."""
-    from refground.features.contents import extract_command as command
-
-    return command(features_file)
-
-
 # The sections of a features artifact (refground.features.contents.NEEDS) each candidate source reads.
 CANDIDATE_NEEDS = {"gt": ("object_features",), "proposals": ("proposals", "proposal_features"), "vlnms": ()}
 
@@ -86,8 +78,6 @@ def require_candidate_sections(features_file: Path, sources: Any, step: str = ""
     section that one of the candidate ``sources`` (names of :data:`SOURCES`) reads, naming the `refground
     extract` options that supply it. ``step``: how the message names the consumer (default ``--candidates
     <source>``)."""
-    from refground.features.contents import require_sections
-
     for source in dict.fromkeys(sources):
         if CANDIDATE_NEEDS.get(source):
             require_sections(features_file, CANDIDATE_NEEDS[source], step or f"--candidates {source}")
@@ -386,6 +376,6 @@ def feature_stats(cands: RaggedBoxes, image_rows: np.ndarray, limit: int | None 
 
 
 __all__ = ["Batch", "CANDIDATE_NEEDS", "CandidateSet", "CandidateSpec", "Flips", "HFLIP_RELATION", "VFLIP_RELATION",
-           "SOURCES", "all_finite", "candidates_for", "check_finite", "extract_command", "feature_stats", "load_candidates",
+           "SOURCES", "all_finite", "candidates_for", "check_finite", "feature_stats", "load_candidates",
            "load_query_candidates", "make_batch", "proposals_command", "query_proposals_path",
            "require_candidate_sections"]

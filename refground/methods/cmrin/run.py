@@ -126,9 +126,8 @@ def train_cmrin(dataset: str, cache: Any = None, name: str = "default", config: 
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        "graph": parent("artifact", g_path)}, kind="runs/cmrin")
     with spec.lock():  # one writer per run folder, from the cache-hit check to the complete manifest
-        result = spec.start(name, force)
+        result = spec.start(name, force, t_start)
         if result["cache_hit"]:
-            result["seconds"] = round(time.perf_counter() - t_start, 3)
             return result
         ds = load_dataset(ds_dir)
         cands = load_candidates(ds, f_path, "gt", graph_file=g_path)

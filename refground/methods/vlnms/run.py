@@ -36,9 +36,9 @@ from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
-from refground.features.contents import require_sections
+from refground.features.contents import extract_command, require_sections
 from refground.features.pipeline import features_path
-from refground.grounding.candidates import check_finite, extract_command, feature_stats, query_proposals_path
+from refground.grounding.candidates import check_finite, feature_stats, query_proposals_path
 from refground.grounding.queries import QueryTable, encode_queries, single_referent_rows
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
@@ -478,9 +478,8 @@ def train_vlnms(dataset: str, cache: Any = None, name: str = "fc-bce", config: V
     spec = RunSpec(out, STEP, params, {"dataset": parent("dataset", ds_dir), "features": parent("artifact", f_path),
                                        **pseudo_parent}, kind="runs/vlnms")
     with spec.lock():  # one writer per run folder, from the cache-hit check to the complete manifest
-        result = spec.start(name, force)
+        result = spec.start(name, force, t_start)
         if result["cache_hit"]:
-            result["seconds"] = round(time.perf_counter() - t_start, 3)
             return result
         ds = load_dataset(ds_dir)
         dets = load_detections(ds, f_path)
