@@ -174,3 +174,9 @@ def test_a_missing_run_of_another_dataset_names_its_training(two_worlds, capsys)
     err = fail(capsys, "eval", "--method", "cmrin", "--run", "other/nope", "--split", "val", "--cache",
                str(two_worlds))
     assert "refground train cmrin --dataset other --run nope" in err
+
+
+def test_a_missing_chosen_features_artifact_names_its_dataset(two_worlds, capsys):
+    err = fail(capsys, "eval", "--method", "cmrin", "--run", "synth/cmrin", "--dataset", "other", "--split", "val",
+               "--features", "nope", "--cache", str(two_worlds))
+    assert "nope.h5: missing; run `refground extract --dataset other --features nope --no-dense`" in err

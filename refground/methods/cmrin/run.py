@@ -48,11 +48,17 @@ def run_dir(dataset: str, cache: Any, name: str) -> Path:
 
 
 def _inputs(dataset: str, cache: Any, features: str) -> tuple[Path, Path, Path]:
+    """The dataset folder, features and graph files of ``features`` on ``dataset``, each required current; the
+    remedies name the dataset and the artifact (a run applied to another dataset reads that dataset's)."""
+    from refground.features.contents import DEFAULT_NAME, extract_command
+
     ds_dir = dataset_dir(dataset, cache)
     f_path = features_path(dataset, cache, features)
     g_path = graph_path(dataset, cache, features)
-    require(f_path, "refground extract", check_parents=True)
-    require(g_path, "refground graph", check_parents=True)
+    require(f_path, extract_command(f_path, force=False), check_parents=True)
+    graph = "refground graph" + (f" --dataset {dataset}" if dataset != "synth" else "") + \
+        (f" --features {features}" if features != DEFAULT_NAME else "")
+    require(g_path, graph, check_parents=True)
     return ds_dir, f_path, g_path
 
 
