@@ -9,7 +9,7 @@ import typer
 
 from refground.cli.console import check_out_file, emit, info, table
 from refground.cli.methods import method_kwargs, with_method_options
-from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, RunOpt, SplitOpt
+from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, RunOpt, SplitOpt, ThreadsOpt
 from refground.data.model import check_split_name
 from refground.data.store import load_named
 from refground.errors import UsageError
@@ -96,6 +96,7 @@ def eval_body(
     out: EvalOutOpt = None,
     cache: CacheOpt = None,
     force: EvalForceOpt = False,
+    threads: ThreadsOpt = "auto",
     as_json: JsonOpt = False,
     **options: Any,
 ) -> None:
@@ -122,12 +123,15 @@ def eval_body(
         raise UsageError(f"--point-in must be one of: {', '.join(POINT_IN)} (got {point_in!r})")
     if out is not None:  # before any scoring (or computing a run's predictions): a refusal costs nothing
         check_out_file(out, inputs=[predictions], force=force)
-    path, about = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
-    json_path = out or default_json_path(path, split)
-    check_out_file(json_path, inputs=[path], force=force)
-    preds = read_predictions(path)
-    ds = load_named(dataset, cache)
-    result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)
+    from refground.threads import parse_threads, use_threads
+
+    with use_threads(parse_threads(threads)):
+        path, about = resolve_predictions(predictions, method, run, dataset, cache, split, force, **options)
+        json_path = out or default_json_path(path, split)
+        check_out_file(json_path, inputs=[path], force=force)
+        preds = read_predictions(path)
+        ds = load_named(dataset, cache)
+        result = evaluate(ds, preds, split, multi_box=multi_box, point_in=point_in)
     if not as_json:
         c = result.counts
         info(f"{ds.name} {split}: {c['expressions']} expressions, {c['captions']} captions "

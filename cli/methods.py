@@ -15,8 +15,10 @@ import typer
 
 from refground.cli.console import check_out_file, emit, info, table
 from refground.cli.options import (CacheOpt, ConfigOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, ResumeOpt, RunOpt,
+                                   ThreadsOpt,
                                    SeedOpt, read_config_file)
 from refground.methods import Method, Option, list_methods
+from refground.threads import parse_threads, use_threads
 
 KW = inspect.Parameter.KEYWORD_ONLY
 
@@ -138,12 +140,12 @@ def train_command(m: Method) -> Callable[..., None]:
                                                                   show_default=False)], None),
         param("lr", Annotated[Optional[float], typer.Option("--lr", help="Learning rate.", show_default=False)], None),
     ]
-    tail = [param("seed", SeedOpt, 0), param("resume", ResumeOpt, True), param("force", ForceOpt, False),
-            param("as_json", JsonOpt, False)]
+    tail = [param("seed", SeedOpt, 0), param("threads", ThreadsOpt, "auto"), param("resume", ResumeOpt, True),
+            param("force", ForceOpt, False), param("as_json", JsonOpt, False)]
 
     def body(dataset: str, cache: Path | None, run: str | None, config_file: Path | None, epochs: int | None,
-             batch_size: int | None, lr: float | None, seed: int, resume: bool, force: bool, as_json: bool,
-             variant: str | None = None, **options: Any) -> None:
+             batch_size: int | None, lr: float | None, seed: int, threads: str, resume: bool, force: bool,
+             as_json: bool, variant: str | None = None, **options: Any) -> None:
         from refground.errors import UsageError
         from refground.runs import local_run_name
         from refground.train import check_training_fields
@@ -155,7 +157,7 @@ def train_command(m: Method) -> Callable[..., None]:
             run = local_run_name(run, m.name, dataset)
         overrides = check_training_fields(epochs=epochs, batch_size=batch_size, lr=lr)
         config = read_config_file(config_file, f"{m.name} config") if config_file is not None else None
-        with training_processes() as main:
+        with training_processes() as main, use_threads(parse_threads(threads)):
             result = m.train(dataset, cache, run, variant=variant, config=config, overrides=overrides, seed=seed,
                              resume=resume, force=force, **options)
         if not main:

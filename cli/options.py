@@ -27,6 +27,10 @@ RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run: NAME (the fol
                                                "default: the method's, e.g. its variant), DATASET/NAME (another "
                                                "dataset's run, applied as trained) or a run folder path (./x, /x). "
                                                "train writes only this dataset's runs.", show_default=False)]
+ThreadsOpt = Annotated[str, typer.Option(
+    "--threads", help="Torch intra-op threads: auto (the cores this process may use that are idle when the step "
+    "starts, at least 1; under torchrun or with OMP_NUM_THREADS set, theirs) or a count. Training weights depend "
+    "on it (the run's manifest records it): give a count to reproduce a run byte for byte.")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="JSON file of config fields (e.g. a run's "
                                                    "config.json); the options given override it.",
                                                    show_default=False)]

@@ -9,8 +9,8 @@ import typer
 
 from refground.cli.apps import app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, JsonOpt, SeedOpt, read_config_file
-from refground.tables import PERCENT, TEXT
+from refground.cli.options import CacheOpt, JsonOpt, SeedOpt, ThreadsOpt, read_config_file
+from refground.tables import COUNT, FLOAT, PERCENT, SECONDS, TEXT
 
 
 @app.command("quickstart")
@@ -33,6 +33,7 @@ def quickstart(
     force: Annotated[bool, typer.Option("--force", help="Redo every step: regenerate, retrain the detector and "
                                         "CMRIN in place (needed when this cache holds runs of other settings), "
                                         "re-extract, re-evaluate.")] = False,
+    threads: ThreadsOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Generate the default synthetic dataset, train the built-in detector, extract region features, build the
@@ -57,9 +58,12 @@ def quickstart(
         cm = config_of(CMRINConfig.from_dict, {**fields, **({"epochs": cmrin_epochs} if cmrin_epochs else {})},
                        str(cmrin_config))
     steps = iter(range(1, 8))
+    from refground.threads import parse_threads
+
     result = run_quickstart(cache, seed=seed, cmrin_epochs=cmrin_epochs or QUICK_EPOCHS, top_n=top_n,
                             on_step=lambda name: info(f"[{next(steps)}/7] {name}"), images=num_images,
-                            image_size=image_size, detector_config=det, cmrin_config=cm, force=force)
+                            image_size=image_size, detector_config=det, cmrin_config=cm, force=force,
+                            threads=parse_threads(threads))
     kinds = [k for k in result["precision"].get("val", {})]
     rows = [(s, *[result["precision"][s].get(k, "-") for k in kinds]) for s in result["precision"]]
     drop = [(s, result["precision"][s].get("all"), result["proposals"][s].get("all"),
@@ -69,8 +73,10 @@ def quickstart(
                     [TEXT, *[PERCENT] * len(kinds)]),
               table(f"Precision@1 (%) with the detector's top {result['top_n']} proposals",
                     ["split", "gt", "proposals", "drop"], drop, [TEXT, PERCENT, PERCENT, PERCENT]),
-              table("steps", ["step", "seconds", "status"],
-                    [(s["step"], s["seconds"], s["status"]) for s in result["steps"]])]
+              table("stages: seconds and throughput (README, \"Time\", gives the expected figures)",
+                    ["step", "seconds", "throughput", "unit", "threads", "status"],
+                    [(s["step"], s["seconds"], s.get("throughput"), s.get("unit", ""), s.get("threads"), s["status"])
+                     for s in result["steps"]], [TEXT, SECONDS, FLOAT, TEXT, COUNT, TEXT])]
     emit(result, as_json, tables)
     if not as_json:
         info(f"report: {result['report']} ({result['seconds']} s in all)")

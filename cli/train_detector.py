@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, read_config_file
+from refground.cli.options import (CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ResumeOpt, SeedOpt, ThreadsOpt,
+                                   read_config_file)
 
 
 def train_detector_command(
@@ -30,6 +31,7 @@ def train_detector_command(
                                                         "(e.g. a run's config.json); the options above override "
                                                         "it.", show_default=False)] = None,
     seed: SeedOpt = 0,
+    threads: ThreadsOpt = "auto",
     resume: ResumeOpt = True,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -51,7 +53,10 @@ def train_detector_command(
     ds_dir = dataset_dir(dataset, cache)
     out_dir = ds_dir.parent / "runs" / "detector" / local_run_name(run, "detector", dataset)
     ds = load_dataset(ds_dir)
-    with training_processes() as main:  # under torchrun: DistributedDataParallel, rank 0 writes and prints
+    from refground.threads import parse_threads, use_threads
+
+    count = parse_threads(threads)
+    with training_processes() as main, use_threads(count):  # under torchrun: DDP, rank 0 writes and prints
         result = train_detector(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)
     if not main:
         return

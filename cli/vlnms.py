@@ -8,7 +8,7 @@ import typer
 
 from refground.cli.apps import app
 from refground.cli.console import emit, table
-from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt
+from refground.cli.options import CacheOpt, DatasetOpt, ForceOpt, JsonOpt, ThreadsOpt
 from refground.data.model import check_split_name
 from refground.errors import UsageError
 
@@ -38,6 +38,7 @@ def vlnms_command(
     features: Annotated[Optional[str], typer.Option("--features", help="Features artifact with pre-NMS detections "
                                                     "(default: the run's).", show_default=False)] = None,
     force: ForceOpt = False,
+    threads: ThreadsOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Write the top --top-n query-aware proposals of every expression query of each split to
@@ -51,8 +52,11 @@ def vlnms_command(
         raise UsageError("give a trained run with --run NAME, or --confidence-only (not both)")
     for s in splits or []:
         check_split_name(s)
-    results = run_vlnms(dataset, cache, run, tuple(splits or ("val", "testA", "testB")), top_n, nms_threshold,
-                        class_agnostic, features, force, min_confidence)
+    from refground.threads import parse_threads, use_threads
+
+    with use_threads(parse_threads(threads)):
+        results = run_vlnms(dataset, cache, run, tuple(splits or ("val", "testA", "testB")), top_n, nms_threshold,
+                            class_agnostic, features, force, min_confidence)
     rows = []
     for r in results:
         rows.append([r["split"], r["status"]]

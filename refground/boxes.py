@@ -32,12 +32,14 @@ __all__ = [
     "box_iou",
     "fused_nms",
     "clip_boxes_to_image",
+    "clip_boxes_to_sizes",
     "decode_boxes",
     "elementwise_box_iou",
     "encode_boxes",
     "generalized_box_iou",
     "nms",
     "remove_small_boxes",
+    "small_box_mask",
     "roi_align",
     "spatial_feature",
 ]
@@ -122,14 +124,28 @@ def clip_boxes_to_image(boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.stack((x, y), dim=-1).reshape(boxes.shape)
 
 
+def clip_boxes_to_sizes(boxes: Tensor, sizes: Tensor) -> Tensor:
+    """:func:`clip_boxes_to_image` with a size per box: boxes Tensor[N, 4] xyxy, sizes Tensor[N, 2] (height,
+    width) of each box's image -> Tensor[N, 4] (x clamped to [0, width], y to [0, height])."""
+    _check_boxes(boxes)
+    lo = torch.zeros_like(boxes)
+    hi = sizes.to(boxes.dtype)[:, [1, 0, 1, 0]]
+    return torch.minimum(torch.maximum(boxes, lo), hi)
+
+
+def small_box_mask(boxes: Tensor, min_size: float) -> Tensor:
+    """Bool Tensor[...]: boxes Tensor[..., 4] xyxy whose width and height are both >= ``min_size`` (the test
+    of :func:`remove_small_boxes`, for batched boxes)."""
+    return ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of boxes whose width and height are both >= ``min_size``.
 
     boxes: Tensor[N, 4] xyxy -> Tensor[K] int64, increasing.
     """
     _check_boxes(boxes)
-    ws, hs = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return torch.where((ws >= min_size) & (hs >= min_size))[0]
+    return torch.where(small_box_mask(boxes, min_size))[0]
 
 
 # ------------------------------------------------------------------------------------------------- IoU
@@ -246,12 +262,31 @@ def _box_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter
 
 
+_FIXED_POINT_ROUNDS = 12
+
+
 def _greedy_upper(suppress: np.ndarray) -> np.ndarray:
     """Greedy pass over a strictly upper-triangular "i suppresses j" matrix bool[B, B] -> keep bool[B].
 
-    Box 0 is kept; every later box is kept iff no kept box before it suppresses it. The loop runs once per
-    KEPT box, and each step is one vector update over all later boxes.
+    Box 0 is kept; every later box is kept iff no kept box before it suppresses it. That rule has exactly one
+    solution (box i depends only on the boxes before it), so it is found as a fixed point: start with every
+    box kept and recompute "not suppressed by a kept box" for all boxes at once until nothing changes; the
+    first unchanged round is the solution. A round is one masked reduction over the matrix; dense proposal
+    clusters settle in a few rounds (suppression chains are short). If they have not settled after
+    ``_FIXED_POINT_ROUNDS``, :func:`_greedy_loop` finishes with one step per kept box.
     """
+    keep = np.ones(suppress.shape[0], dtype=bool)
+    for _ in range(_FIXED_POINT_ROUNDS):
+        new = ~suppress[keep].any(axis=0)
+        if np.array_equal(new, keep):
+            return keep
+        keep = new
+    return _greedy_loop(suppress)
+
+
+def _greedy_loop(suppress: np.ndarray) -> np.ndarray:
+    """:func:`_greedy_upper` as a loop that runs once per KEPT box, each step one vector update over all
+    later boxes (the reference the fixed point is tested against, and its fallback)."""
     n = suppress.shape[0]
     removed = np.zeros(n, dtype=bool)
     i = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -196,6 +197,21 @@ def test_nms_blocked_path_matches_reference(monkeypatch, seed):
     boxes = boxes.double()
     for thr in (0.2, 0.6):
         assert B.nms(boxes, scores, thr).tolist() == nms_reference(boxes, scores, thr)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_fixed_point_matches_the_per_box_loop(seed):
+    # Random upper-triangular suppression matrices of several densities, and a chain in which box i suppresses
+    # only box i + 1: its answer alternates (kept, removed, kept...), which takes one round per box, so the
+    # fixed point gives up after _FIXED_POINT_ROUNDS and the loop must finish it.
+    rng = np.random.default_rng(seed)
+    for n, density in ((1, 0.5), (2, 1.0), (40, 0.05), (200, 0.3), (600, 0.02)):
+        sup = np.triu(rng.random((n, n)) < density, k=1)
+        assert np.array_equal(B._greedy_upper(sup), B._greedy_loop(sup))
+    chain = np.eye(3 * B._FIXED_POINT_ROUNDS, k=1, dtype=bool)
+    expected = np.arange(len(chain)) % 2 == 0
+    assert np.array_equal(B._greedy_loop(chain), expected)
+    assert np.array_equal(B._greedy_upper(chain), expected)
 
 
 def test_nms_default_blocks_on_more_boxes_than_one_block():

@@ -42,6 +42,8 @@ BENCH_MODULES = (
     "refground.bench.extract_bench",
     "refground.bench.cmrin_bench",
     "refground.bench.vlnms_bench",
+    "refground.bench.stages_bench",
+    "refground.bench.eval_bench",
 )
 
 

@@ -28,20 +28,22 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
 
 from refground import masks as rmasks
-from refground.data.model import KIND_ORDER, TASKS, Dataset, Query, check_split_name
+from refground.data.model import KIND_ORDER, ROLES, TASKS, Dataset, Query, check_split_name
 from refground.errors import DataError, UsageError
 from refground.eval.metrics import (
-    IOU_THRESHOLD, MASK_THRESHOLDS, MULTI_BOX, POINT_IN, RECALL_NS, box_accuracy_hits,
+    IOU_THRESHOLD, MASK_THRESHOLDS, MULTI_BOX, POINT_IN, RECALL_NS, box_accuracy_hits, first_hit_ranks,
     mask_intersection_union, mask_stats_from_counts, matched_box_iou, phrase_hits, pointit_hits,
-    proposal_hit_ranks, recall_from_ranks,
+    recall_from_ranks,
 )
+from refground.structures import RaggedBoxes, group_rows, offsets_of
 from refground.tables import TableData
 from refground.eval.predictions import PhrasePrediction, Predictions, QueryPrediction, read_predictions
 
@@ -141,8 +143,34 @@ class _Index:
         return {"size": [h, w], "counts": counts}
 
 
+def _all_fit(ds: Dataset, preds: Predictions, index: _Index) -> bool:
+    """Whether :func:`_check_against` passes, decided for all predictions at once (no record per line)."""
+    lines = [*preds.queries.values(), *preds.phrases.values()]
+    rows = [index.query.get(int(p.query_id)) for p in lines]
+    if None in rows:
+        return False
+    rows_arr = np.array(rows, dtype=np.int64)
+    is_caption = ds.query_tasks[rows_arr] == TASKS.index("caption")
+    n_query = len(preds.queries)
+    if is_caption[:n_query].any() or not is_caption[n_query:].all():
+        return False
+    if preds.phrases:
+        mentions = np.array([p.mention for p in preds.phrases.values()], dtype=np.int64)
+        offsets = ds.query_mention_offsets
+        if (mentions >= offsets[rows_arr[n_query:] + 1] - offsets[rows_arr[n_query:]]).any():
+            return False
+    given = [(k, p.image_id) for k, p in enumerate(lines) if p.image_id is not None]
+    if given and any(i != int(ds.query_image_ids[rows[k]]) for k, i in given):
+        return False
+    return all(tuple(p.mask["size"]) == index.image_size(int(ds.query_image_ids[rows[k]]))
+               for k, p in enumerate(lines[:n_query]) if p.mask is not None)
+
+
 def _check_against(ds: Dataset, preds: Predictions, index: _Index) -> None:
     """Every prediction names a query of ``ds`` of the right task, a valid mention, image and mask size."""
+    if _all_fit(ds, preds, index):
+        return
+    # Something does not fit: the line-by-line pass finds the first such line and words the error.
     offsets = ds.query_mention_offsets
     for p in preds:
         where = preds.where(p)
@@ -168,15 +196,86 @@ def _check_against(ds: Dataset, preds: Predictions, index: _Index) -> None:
                                 f"(height, width) = {list(size)}")
 
 
+@dataclass
+class _Expressions:
+    """The expression queries of a split, read from the dataset's columns instead of one :class:`Query`
+    record per query. Rows in storage order, like ``ds.queries(split)``."""
+
+    rows: np.ndarray  # int64[E] rows of the query columns
+    ids: list[int]  # query ids (Python ints: the keys of Predictions.queries)
+    kinds: list[str]
+    gt_rows: np.ndarray  # int64[E] object row of each query's referent
+
+
+def _mentions_of(ds: Dataset, rows: np.ndarray, role: str) -> tuple[np.ndarray, np.ndarray]:
+    """The mentions of ``role`` of queries ``rows``, in order: (mention rows, index into ``rows`` of each)."""
+    m_rows, m_off = group_rows(ds.query_mention_offsets, rows)
+    owner = np.repeat(np.arange(len(rows), dtype=np.int64), np.diff(m_off))
+    keep = ds.mention_roles[m_rows] == ROLES.index(role)
+    return m_rows[keep], owner[keep]
+
+
+def _expressions(ds: Dataset, rows: np.ndarray, index: _Index) -> _Expressions:
+    """:class:`_Expressions` of query ``rows``; the referent is ``Query.referent_object_id`` (the first
+    referent mention, which must link exactly one object) for all rows at once, with its errors."""
+    ids = ds.query_ids[rows].tolist()
+    m_rows, owner = _mentions_of(ds, rows, "referent")
+    first = np.full(len(rows), -1, dtype=np.int64)
+    queries, at = np.unique(owner, return_index=True)  # owner is sorted: first referent of each query
+    first[queries] = m_rows[at]
+    oo = ds.mention_object_offsets
+    safe = np.maximum(first, 0)
+    n_objects = np.where(first >= 0, oo[safe + 1] - oo[safe], 0)
+    ok = (first >= 0) & (n_objects == 1)
+    bad = np.flatnonzero(~ok)
+    stop = int(bad[0]) if len(bad) else len(rows)
+    # Queries before the first bad one are looked up first, as the per-record loop did (same KeyError).
+    gt_rows = [index.object[o] for o in ds.mention_object_ids[oo[first[:stop]]].tolist()]
+    if len(bad):
+        q = ids[stop]
+        if first[stop] < 0:
+            raise DataError(f"query {q} has no referent mention")
+        raise DataError(f"query {q} refers to {int(n_objects[stop])} objects, expected exactly one")
+    return _Expressions(rows, ids, [ds.query_kinds[k] for k in rows.tolist()], np.array(gt_rows, dtype=np.int64))
+
+
+def _context_boxes(ds: Dataset, rows: np.ndarray, index: _Index) -> RaggedBoxes:
+    """Per query of ``rows``, the boxes of the distinct objects of its context mentions, first seen first
+    (``dict.fromkeys`` over the mentions' objects, for all queries at once)."""
+    m_rows, owner = _mentions_of(ds, rows, "context")
+    o_rows, o_off = group_rows(ds.mention_object_offsets, m_rows)
+    objects = ds.mention_object_ids[o_rows]
+    o_owner = np.repeat(owner, np.diff(o_off))
+    if len(objects):
+        _, first = np.unique(np.stack([o_owner, objects], axis=1), axis=0, return_index=True)
+        keep = np.sort(first)
+        objects, o_owner = objects[keep], o_owner[keep]
+    object_rows = np.array([index.object[o] for o in objects.tolist()], dtype=np.int64)
+    return RaggedBoxes(offsets_of(np.bincount(o_owner, minlength=len(rows))),
+                       ds.object_boxes[object_rows].reshape(-1, 4))
+
+
+def _flat_boxes(boxes: list[Any]) -> np.ndarray:
+    """``float64[N, 4]`` of N boxes (4-sequences of numbers, e.g. the tuples of parsed predictions)."""
+    if set(map(len, boxes)) <= {4}:
+        try:  # one flat run of floats: numpy converts that ~30x faster than a list of 4-tuples
+            return np.fromiter(chain.from_iterable(boxes), dtype=np.float64, count=4 * len(boxes)).reshape(-1, 4)
+        except (TypeError, ValueError):
+            pass  # not plain numbers (predictions built in memory): the general conversion decides
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4)
+
+
 def _boxes_or_zero(boxes: Sequence[Any]) -> np.ndarray:
     """Top-1 boxes with missing ones as zeros (their hits are masked out by the caller)."""
-    return np.array([b if b is not None else (0.0, 0.0, 0.0, 0.0) for b in boxes], dtype=np.float64).reshape(-1, 4)
+    zero = (0.0, 0.0, 0.0, 0.0)
+    return _flat_boxes([b if b is not None else zero for b in boxes])
 
 
 # ------------------------------------------------------------------------------------- sections
-def _comprehension(expr: list[Query], preds: Predictions, gt: np.ndarray, gt_masks: list, point_in: str,
+def _comprehension(ex: _Expressions, preds: Predictions, gt: np.ndarray, gt_masks: list | None, point_in: str,
                    thr: float) -> dict[str, Figures]:
-    tops = [preds.queries[q.id].top_box if q.id in preds.queries else None for q in expr]
+    got = map(preds.queries.get, ex.ids)
+    tops = [p.top_box if p is not None else None for p in got]
     have = np.array([b is not None for b in tops], dtype=bool)
     boxes = _boxes_or_zero(tops)
     ious = np.where(have, matched_box_iou(boxes, gt), 0.0)
@@ -187,28 +286,28 @@ def _comprehension(expr: list[Query], preds: Predictions, gt: np.ndarray, gt_mas
         return {"queries": len(idx), "scored": int(have[idx].sum()), "missing": int((~have[idx]).sum()),
                 "precision@1": _mean(hits[idx]), "pointit": _mean(points[idx]), "mean_iou": _mean(ious[idx])}
 
-    return _by_kind([q.kind for q in expr], figures)
+    return _by_kind(ex.kinds, figures)
 
 
-def _segmentation(expr: list[Query], preds: Predictions, gt_masks: list,
+def _segmentation(ex: _Expressions, preds: Predictions, gt_masks: list,
                   thresholds: Sequence[float]) -> dict[str, Figures]:
     usable = np.array([m is not None for m in gt_masks], dtype=bool)
-    have = np.array([q.id in preds.queries and preds.queries[q.id].mask is not None for q in expr], dtype=bool)
+    have = np.array([q in preds.queries and preds.queries[q].mask is not None for q in ex.ids], dtype=bool)
     empty: dict[tuple[int, int], dict[str, Any]] = {}
     pred_list, gt_list = [], []
-    for q, g, ok in zip(expr, gt_masks, have):
+    for q, g, ok in zip(ex.ids, gt_masks, have):
         if g is None:
             continue
         if ok:
-            pred_list.append(preds.queries[q.id].mask)
+            pred_list.append(preds.queries[q].mask)
         else:
             size = (int(g["size"][0]), int(g["size"][1]))
             if size not in empty:
                 empty[size] = rmasks.encode(np.zeros(size, dtype=bool))
             pred_list.append(empty[size])
         gt_list.append(g)
-    inter = np.zeros(len(expr), dtype=np.int64)
-    union = np.zeros(len(expr), dtype=np.int64)
+    inter = np.zeros(len(ex.ids), dtype=np.int64)
+    union = np.zeros(len(ex.ids), dtype=np.int64)
     inter[usable], union[usable] = mask_intersection_union(pred_list, gt_list)
 
     def figures(idx: np.ndarray) -> Figures:
@@ -217,37 +316,31 @@ def _segmentation(expr: list[Query], preds: Predictions, gt_masks: list,
         return {"queries": len(use), "scored": int(have[use].sum()), "missing": int((~have[use]).sum()),
                 "no_gt_mask": int((~usable[idx]).sum()), **{k: _f(v) for k, v in stats.items()}}
 
-    return _by_kind([q.kind for q in expr], figures)
+    return _by_kind(ex.kinds, figures)
 
 
-def _proposals(expr: list[Query], preds: Predictions, gt: np.ndarray, index: _Index, ns: Sequence[int],
+def _proposals(ex: _Expressions, preds: Predictions, gt: np.ndarray, index: _Index, ns: Sequence[int],
                thr: float) -> dict[str, Figures]:
-    ds = index.ds
-    props, have, ctx_targets = [], [], []
-    for q in expr:
-        p = preds.queries.get(q.id)
-        ranked = p.ranked if p is not None else ()
-        have.append(p is not None and (p.boxes is not None or p.box is not None))
-        props.append(np.asarray(ranked, dtype=np.float64).reshape(-1, 4))
-        ctx_ids = dict.fromkeys(o for m in q.mentions if m.role == "context" for o in m.object_ids)
-        rows = [index.object[o] for o in ctx_ids]
-        ctx_targets.append(ds.object_boxes[rows].reshape(-1, 4))
-    have_arr = np.array(have, dtype=bool)
+    got = [preds.queries.get(q) for q in ex.ids]
+    ranked = [p.ranked if p is not None else () for p in got]
+    have = np.array([p is not None and (p.boxes is not None or p.box is not None) for p in got], dtype=bool)
+    props = RaggedBoxes(offsets_of(list(map(len, ranked))), _flat_boxes(list(chain.from_iterable(ranked))))
     max_rank = max(ns)
-    ref_ranks = proposal_hit_ranks(props, [gt[i:i + 1] for i in range(len(expr))], thr, max_rank)
-    ctx_ranks = proposal_hit_ranks(props, ctx_targets, thr, max_rank)
+    ref_ranks = first_hit_ranks(props, RaggedBoxes(np.arange(len(gt) + 1), gt), thr, max_rank)  # one per query
+    ctx = _context_boxes(index.ds, ex.rows, index)
+    ctx_ranks = first_hit_ranks(props, ctx, thr, max_rank)
 
     def figures(idx: np.ndarray) -> Figures:
-        ref = np.concatenate([ref_ranks[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
-        ctx = np.concatenate([ctx_ranks[i] for i in idx]) if len(idx) else np.zeros(0, np.int64)
-        out: Figures = {"queries": len(idx), "scored": int(have_arr[idx].sum()),
-                        "missing": int((~have_arr[idx]).sum()), "referents": len(ref)}
+        ref = ref_ranks[idx]
+        ctx_r = ctx_ranks[group_rows(ctx.offsets, idx)[0]]
+        out: Figures = {"queries": len(idx), "scored": int(have[idx].sum()),
+                        "missing": int((~have[idx]).sum()), "referents": len(ref)}
         out.update({f"recall@{n}": _f(v) for n, v in recall_from_ranks(ref, ns).items()})
-        out["context_objects"] = len(ctx)
-        out.update({f"context_recall@{n}": _f(v) for n, v in recall_from_ranks(ctx, ns).items()})
+        out["context_objects"] = len(ctx_r)
+        out.update({f"context_recall@{n}": _f(v) for n, v in recall_from_ranks(ctx_r, ns).items()})
         return out
 
-    return _by_kind([q.kind for q in expr], figures)
+    return _by_kind(ex.kinds, figures)
 
 
 def _phrases(caps: list[Query], preds: Predictions, index: _Index, multi_box: str, point_in: str,
@@ -286,11 +379,14 @@ def evaluate(
     ns: Sequence[int] = RECALL_NS,
     iou_threshold: float = IOU_THRESHOLD,
     mask_thresholds: Sequence[float] = MASK_THRESHOLDS,
+    sections: Collection[str] | None = None,
 ) -> EvalResult:
     """Score ``predictions`` (a :class:`Predictions` or a file path) on ``split`` of ``ds``.
 
     multi_box: ``"union"`` | ``"any"`` (phrases with several boxes); point_in: ``"box"`` | ``"mask"``
-    (PointIt region); ns: the N of proposal recall@N. See the module docstring for what is reported.
+    (PointIt region); ns: the N of proposal recall@N; sections: compute only these of :data:`SECTIONS`
+    (default: all the file holds; the predictions are checked against the dataset either way). See the
+    module docstring for what is reported.
     Raises :class:`UsageError` for bad option values or a split without queries, :class:`DataError` for
     predictions that do not fit the dataset.
     """
@@ -302,45 +398,55 @@ def evaluate(
     ns = sorted({int(n) for n in ns})
     if not ns or ns[0] < 1:
         raise UsageError(f"proposal recall N must be positive integers, got {list(ns)}")
+    wanted = set(SECTIONS if sections is None else sections)
+    if wanted - set(SECTIONS):
+        raise UsageError(f"unknown section(s) {', '.join(sorted(wanted - set(SECTIONS)))}; "
+                         f"expected: {', '.join(SECTIONS)}")
     preds = predictions if isinstance(predictions, Predictions) else read_predictions(predictions)
     index = _Index(ds)
     _check_against(ds, preds, index)
 
-    queries = ds.queries(split)
-    if not queries:
+    rows = ds.query_rows(split)
+    if not len(rows):
         raise UsageError(f"dataset {ds.name} has no queries in split {split!r} "
                          f"(its splits: {', '.join(ds.splits()) or 'none'})")
-    expr = [q for q in queries if q.task == "expression"]
-    caps = [q for q in queries if q.task == "caption"]
-    in_split = {q.id for q in queries}
-    used = sum(1 for p in preds if p.query_id in in_split)
+    tasks = ds.query_tasks[rows]
+    ex = _expressions(ds, rows[tasks == TASKS.index("expression")], index)
+    cap_rows = rows[tasks == TASKS.index("caption")]
+    cap_objects = np.diff(ds.mention_object_offsets)[group_rows(ds.query_mention_offsets, cap_rows)[0]]
+    in_split = set(ds.query_ids[rows].tolist())
+    used = len(in_split.intersection(preds.queries)) + sum(1 for q, _mention in preds.phrases if q in in_split)
 
-    gt_rows = np.array([index.object[q.referent_object_id] for q in expr], dtype=np.int64)
-    gt = ds.object_boxes[gt_rows].reshape(-1, 4)
-    gt_masks = [index.object_mask(int(r)) for r in gt_rows]
+    gt = ds.object_boxes[ex.gt_rows].reshape(-1, 4)
+    do = {name for name, present in (("comprehension", preds.has_boxes), ("segmentation", preds.has_masks),
+                                     ("proposals", preds.has_ranked), ("phrase_grounding", bool(preds.phrases)))
+          if present and name in wanted}
+    need_masks = "segmentation" in do or ("comprehension" in do and point_in == "mask")
+    gt_masks = [index.object_mask(r) for r in ex.gt_rows.tolist()] if need_masks else None
 
-    sections: dict[str, dict[str, Figures]] = {}
-    if preds.has_boxes:
-        sections["comprehension"] = _comprehension(expr, preds, gt, gt_masks, point_in, iou_threshold)
-    if preds.has_masks:
-        sections["segmentation"] = _segmentation(expr, preds, gt_masks, mask_thresholds)
-    if preds.has_ranked:
-        sections["proposals"] = _proposals(expr, preds, gt, index, ns, iou_threshold)
-    if preds.phrases:
-        sections["phrase_grounding"] = _phrases(caps, preds, index, multi_box, point_in, iou_threshold)
+    sections_out: dict[str, dict[str, Figures]] = {}
+    if "comprehension" in do:
+        sections_out["comprehension"] = _comprehension(ex, preds, gt, gt_masks, point_in, iou_threshold)
+    if "segmentation" in do:
+        sections_out["segmentation"] = _segmentation(ex, preds, gt_masks, mask_thresholds)
+    if "proposals" in do:
+        sections_out["proposals"] = _proposals(ex, preds, gt, index, ns, iou_threshold)
+    if "phrase_grounding" in do:
+        caps = [ds.query(q) for q in ds.query_ids[cap_rows].tolist()]  # few next to expressions
+        sections_out["phrase_grounding"] = _phrases(caps, preds, index, multi_box, point_in, iou_threshold)
     counts = {
-        "queries": len(queries),
-        "expressions": len(expr),
-        "captions": len(caps),
-        "phrases": sum(1 for q in caps for m in q.mentions if m.object_ids),
-        "phrases_without_boxes": sum(1 for q in caps for m in q.mentions if not m.object_ids),
+        "queries": len(rows),
+        "expressions": len(ex.ids),
+        "captions": len(cap_rows),
+        "phrases": int(np.count_nonzero(cap_objects)),  # mentions linking an object
+        "phrases_without_boxes": int(np.count_nonzero(cap_objects == 0)),
         "predictions": len(preds),
         "predictions_in_split": used,
         "predictions_outside_split": len(preds) - used,
     }
     options = {"multi_box": multi_box, "point_in": point_in, "iou_threshold": float(iou_threshold),
                "ns": list(ns), "mask_thresholds": [float(t) for t in mask_thresholds]}
-    return EvalResult(ds.name, split, preds.path, options, counts, sections)
+    return EvalResult(ds.name, split, preds.path, options, counts, sections_out)
 
 
 __all__ = ["EvalResult", "TableData", "evaluate", "SECTIONS"]
@@ -348,4 +454,4 @@ __all__ = ["EvalResult", "TableData", "evaluate", "SECTIONS"]
 
 def comprehension_of(ds: Dataset, path: str | os.PathLike, split: str) -> dict[str, Figures]:
     """The comprehension section (``{kind: figures}``, ``"all"`` first) of a predictions file on ``split``."""
-    return evaluate(ds, read_predictions(path), split).sections["comprehension"]
+    return evaluate(ds, read_predictions(path), split, sections=("comprehension",)).sections["comprehension"]

@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Union
 
@@ -47,6 +49,12 @@ from refground.errors import DataError
 
 Box = tuple[float, float, float, float]
 FIELDS = ("query_id", "mention", "image_id", "box", "score", "boxes", "scores", "mask")
+_FIELD_SET = frozenset(FIELDS)
+# The exact types a decoded JSON number has; anything else (bool, numpy scalars, strings) takes the
+# per-value checks, which decide and word the error.
+_NUMBER_TYPES = frozenset((int, float))
+# Lines are written with this one encoder: json.dumps(obj, separators=...) builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(", ", ": "))
 
 
 class _BoxChoice:
@@ -170,6 +178,19 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _floats(values: list[Any]) -> list[float] | None:
+    """``values`` as finite floats when every one is a plain int or float, else None (the per-value
+    checks then find the first bad one and word the error)."""
+    types = set(map(type, values))
+    if not types <= _NUMBER_TYPES:
+        return None
+    try:
+        out = values if types == {float} else list(map(float, values))
+    except OverflowError:  # an int too large for a float: the per-value checks raise it, as before
+        return None
+    return out if all(map(math.isfinite, out)) else None
+
+
 def _int(obj: dict[str, Any], key: str, where: str, minimum: int | None = None) -> int:
     v = obj[key]
     if not isinstance(v, int) or isinstance(v, bool):
@@ -180,6 +201,10 @@ def _int(obj: dict[str, Any], key: str, where: str, minimum: int | None = None) 
 
 
 def _box(value: Any, where: str, what: str = "box") -> Box:
+    if type(value) is list and len(value) == 4:  # the common case in C-level checks (see _boxes_fast)
+        flat = _floats(value)
+        if flat is not None and flat[0] <= flat[2] and flat[1] <= flat[3]:
+            return tuple(flat)  # type: ignore[return-value]
     if not isinstance(value, list) or len(value) != 4 or not all(_is_number(v) for v in value):
         raise DataError(f"{where}: {what} must be 4 numbers [x1, y1, x2, y2], got {json.dumps(value)}")
     x1, y1, x2, y2 = (float(v) for v in value)
@@ -196,6 +221,27 @@ def _number(value: Any, where: str, what: str) -> float:
     return float(value)
 
 
+def _boxes_fast(raw: list[Any]) -> tuple[Box, ...] | None:
+    """The ranked boxes of a well-formed ``boxes`` list in one pass of C-level checks, or None when any
+    box needs the per-box checks of :func:`_box` (which raise the error naming the first bad one).
+
+    Same result as ``tuple(_box(b) ...)``: each box a list of 4 plain numbers, finite, x2 >= x1, y2 >= y1.
+    Python builtins over the flat coordinates beat numpy here: lists are ~10 boxes, where numpy's
+    per-call overhead dominates (measured 5 us against 10 us per 10-box line).
+    """
+    if not raw:
+        return ()
+    if set(map(type, raw)) != {list} or set(map(len, raw)) != {4}:
+        return None
+    flat = _floats(list(chain.from_iterable(raw)))
+    if flat is None:
+        return None
+    if not (all(map(operator.le, flat[0::4], flat[2::4])) and all(map(operator.le, flat[1::4], flat[3::4]))):
+        return None
+    it = iter(flat)
+    return tuple(zip(it, it, it, it))
+
+
 def _ranked(obj: dict[str, Any], where: str) -> tuple[tuple[Box, ...] | None, tuple[float, ...] | None]:
     if "boxes" not in obj:
         if "scores" in obj:
@@ -204,14 +250,17 @@ def _ranked(obj: dict[str, Any], where: str) -> tuple[tuple[Box, ...] | None, tu
     raw = obj["boxes"]
     if not isinstance(raw, list):
         raise DataError(f"{where}: boxes must be a list of [x1, y1, x2, y2], got {json.dumps(raw)[:80]}")
-    boxes = tuple(_box(b, where, f"boxes[{i}]") for i, b in enumerate(raw))
+    boxes = _boxes_fast(raw)
+    if boxes is None:
+        boxes = tuple(_box(b, where, f"boxes[{i}]") for i, b in enumerate(raw))
     if "scores" not in obj:
         return boxes, None
     rs = obj["scores"]
     if not isinstance(rs, list) or len(rs) != len(boxes):
         raise DataError(f"{where}: scores must be a list of {len(boxes)} numbers (one per box)")
-    scores = tuple(_number(s, where, f"scores[{i}]") for i, s in enumerate(rs))
-    if any(b > a for a, b in zip(scores, scores[1:])):
+    fast = _floats(rs)
+    scores = tuple(fast) if fast is not None else tuple(_number(s, where, f"scores[{i}]") for i, s in enumerate(rs))
+    if not all(map(operator.ge, scores, scores[1:])):  # finite, so "not a >= b" is "b > a"
         raise DataError(f"{where}: scores must be non-increasing (boxes are ranked best first)")
     return boxes, scores
 
@@ -272,8 +321,8 @@ def parse_line(obj: Any, where: str, line: int = 0) -> Prediction:
     """Validate one decoded line; ``where`` prefixes error messages (``"<file>: line <n>"``)."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    unknown = [k for k in obj if k not in FIELDS]
-    if unknown:
+    if not _FIELD_SET.issuperset(obj):
+        unknown = [k for k in obj if k not in _FIELD_SET]
         raise DataError(f"{where}: unknown field {unknown[0]!r} (expected: {', '.join(FIELDS)})")
     if "query_id" not in obj:
         raise DataError(f"{where}: missing query_id")
@@ -303,12 +352,13 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     if not path.is_file():
         raise DataError(f"{path}: no such predictions file")
     preds = Predictions(str(path))
+    prefix = f"{path}: line "
     try:
         with open(path, encoding="utf-8") as fh:
             for n, text in enumerate(fh, start=1):
                 if not text.strip():
                     continue
-                where = f"{path}: line {n}"
+                where = f"{prefix}{n}"
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as exc:
@@ -323,9 +373,18 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
 
 # ---------------------------------------------------------------------------------------- writing
 def _box_json(box: Any) -> list[float]:
+    if type(box) is tuple and len(box) == 4 and set(map(type, box)) == {float}:
+        return list(box)  # a parsed box: already four Python floats
     if isinstance(box, torch.Tensor):
         box = box.detach().cpu().tolist()
     return [float(v) for v in np.asarray(box, dtype=np.float64).reshape(4)]
+
+
+def _boxes_json(boxes: Any) -> list[list[float]]:
+    if (type(boxes) is tuple and set(map(type, boxes)) <= {tuple} and set(map(len, boxes)) <= {4}
+            and set(map(type, chain.from_iterable(boxes))) <= {float}):
+        return list(map(list, boxes))  # parsed boxes: tuples of four Python floats
+    return [_box_json(b) for b in boxes]
 
 
 def to_json(pred: Prediction) -> dict[str, Any]:
@@ -340,9 +399,11 @@ def to_json(pred: Prediction) -> dict[str, Any]:
     if pred.score is not None:
         out["score"] = float(pred.score)
     if pred.boxes is not None:
-        out["boxes"] = [_box_json(b) for b in pred.boxes]
+        out["boxes"] = _boxes_json(pred.boxes)
     if pred.scores is not None:
-        out["scores"] = [float(s) for s in pred.scores]
+        scores = pred.scores
+        out["scores"] = (list(scores) if type(scores) is tuple and set(map(type, scores)) <= {float}
+                         else [float(s) for s in scores])
     if isinstance(pred, QueryPrediction) and pred.mask is not None:
         counts = pred.mask["counts"]
         out["mask"] = {"size": [int(v) for v in pred.mask["size"]],
@@ -361,5 +422,5 @@ def write_predictions(path: str | os.PathLike, items: Iterable[Prediction | dict
     preds = items if isinstance(items, Predictions) else Predictions.from_items(items, str(path))
     with atomic_file(path, "w", encoding="utf-8") as fh:
         for pred in preds:
-            fh.write(json.dumps(to_json(pred), separators=(", ", ": ")) + "\n")
+            fh.write(_ENCODER.encode(to_json(pred)) + "\n")
     return path

@@ -88,7 +88,10 @@ class DetectorConfig:
     # ---------------------------------------------------------------------------------- inference
     pre_nms_top_n: int = 600  # dense boxes (by objectness) that enter the first NMS
     proposal_nms: float = 0.7  # IoU threshold of the first (dense) NMS
-    post_nms_top_n: int = 300  # RoIs per image that the region head scores
+    # RoIs per image that the region head scores. 150 (was 300): on the default world's val split the same
+    # referent recall (@10 87.4 vs 87.3, @100 99.2 both) and category accuracy, 82 final proposals per image on
+    # average instead of 100, and inference 1.5x as fast (the region head on the RoIs was most of it).
+    post_nms_top_n: int = 150
     final_nms: float = 0.5  # IoU threshold of the class-agnostic NMS on refined boxes
     min_box_size: float = 2.0  # refined boxes smaller than this (pixels of the network input) are dropped
     inference_batch: int = 16  # images per forward pass at inference
@@ -105,6 +108,9 @@ class DetectorConfig:
     train_proposals: int = 48  # dense proposals (after NMS) per image offered to the RoI sampler
     jitter_per_object: int = 2  # jittered copies of each ground-truth box offered to the RoI sampler
     flip: bool = True  # random horizontal flips
+    # Backbone and FPN under CPU autocast while training: "bfloat16", "float32", or "auto" (bfloat16 where the
+    # CPU has native bfloat16 instructions, see refground.features.detector_train.training_precision).
+    train_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if len(self.widths) != 4 or len(self.depths) != 4:
@@ -112,6 +118,8 @@ class DetectorConfig:
                              f"{self.depths}")
         if self.input_size < 32:
             raise ValueError(f"input_size must be at least 32, got {self.input_size}")
+        if self.train_precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"train_precision must be auto, float32 or bfloat16, got {self.train_precision!r}")
 
     @property
     def num_classes(self) -> int:
@@ -530,7 +538,7 @@ class BuiltinDetector:
         """
         if not 0.0 < float(detection_threshold) < 1.0:
             raise ValueError(f"detection_threshold must be in (0, 1), got {detection_threshold}")
-        props, dets = self._propose(images, image_ids, max_proposals, float(detection_threshold))
+        props, dets, _ = self._propose(images, image_ids, max_proposals, float(detection_threshold))
         assert dets is not None
         return props, dets
 
@@ -547,8 +555,31 @@ class BuiltinDetector:
                          features=feat[order].contiguous(),
                          nms_scores=None if first is None else first[order].contiguous())
 
+    def propose_pooled(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                       boxes: list[Tensor], detection_threshold: float | None = None
+                       ) -> tuple[list[Proposals], list[Proposals] | None, list[Tensor]]:
+        """:meth:`propose` (or :meth:`propose_with_detections` with a threshold) and :meth:`region_features`
+        of ``boxes`` (per image Tensor[K_i, 4] xyxy original pixels) in one pass: the given boxes are pooled
+        in the same region-head call as the proposals, so extraction runs the head once per batch instead of
+        twice. Returns ``(proposals, detections or None, features Tensor[K_i, feature_dim] per image)``."""
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box lists")
+        props, dets, heads = self._propose(images, image_ids, max_proposals, detection_threshold, boxes)
+        return props, dets, [h["feature"].contiguous() for h in heads]
+
+    def propose_classified(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                           boxes: list[Tensor]) -> tuple[list[Proposals], list[dict[str, Tensor]]]:
+        """:meth:`propose` and :meth:`classify` of ``boxes`` in one pass (see :meth:`propose_pooled`)."""
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box lists")
+        props, _, heads = self._propose(images, image_ids, max_proposals, None, boxes)
+        return props, [self._probabilities(h) for h in heads]
+
     def _propose(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
-                 threshold: float | None) -> tuple[list[Proposals], list[Proposals] | None]:
+                 threshold: float | None, extra: list[Tensor] | None = None
+                 ) -> tuple[list[Proposals], list[Proposals] | None, list[dict[str, Tensor]]]:
+        """Proposals (and detections with a threshold) of a list of images, and the region-head outputs
+        (:meth:`DetectorModel.region`'s dict) of the ``extra`` boxes per image, pooled in the same call."""
         if len(image_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
         maps, scales, sizes = self._maps(images)
@@ -570,23 +601,28 @@ class BuiltinDetector:
                     index.append((d["final_index"], d["det_index"], d["det_scores"]))
         out: list[Proposals] = []
         dets_out: list[Proposals] = []
+        extra_out: list[dict[str, Tensor]] = []
+        given = [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in extra] if extra is not None \
+            else [torch.zeros((0, 4))] * len(images)
         for s0 in range(0, len(images), chunk):
             sl = slice(s0, s0 + chunk)
-            heads = self._pool(p[sl], pooled[sl], scales[sl])
+            heads = self._pool(p[sl], [torch.cat([bx, g]) for bx, g in zip(pooled[sl], given[sl])], scales[sl])
             prob = heads["cls"].softmax(dim=1)[:, 1:]
             start = 0
             for j, bx in enumerate(pooled[sl]):
                 n = bx.shape[0]
                 cs = prob[start:start + n]
                 feat = heads["feature"][start:start + n]
-                start += n
+                k = given[s0 + j].shape[0]
+                extra_out.append({key: v[start + n:start + n + k] for key, v in heads.items()})
+                start += n + k
                 if threshold is None:
                     out.append(self._sorted(bx, cs, feat))
                 else:
                     fi, di, first = index[s0 + j]
                     out.append(self._sorted(bx[fi], cs[fi], feat[fi]))
                     dets_out.append(self._sorted(bx[di], cs[di], feat[di], first))
-        return out, (dets_out if threshold is not None else None)
+        return out, (dets_out if threshold is not None else None), extra_out
 
     def _heads(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
         if len(boxes) != len(images):
@@ -612,12 +648,13 @@ class BuiltinDetector:
     def classify(self, images: list[np.ndarray], boxes: list[Tensor]) -> list[dict[str, Tensor]]:
         """Per image {"category": Tensor[K, C] (object classes, background dropped, not renormalised),
         "background": Tensor[K], "color": Tensor[K, 8], "size": Tensor[K, 3]} probabilities for given boxes."""
-        out = []
-        for h in self._heads(images, boxes):
-            prob = h["cls"].softmax(dim=1)
-            out.append({"category": prob[:, 1:].contiguous(), "background": prob[:, 0].contiguous(),
-                        "color": h["color"].softmax(dim=1), "size": h["size"].softmax(dim=1)})
-        return out
+        return [self._probabilities(h) for h in self._heads(images, boxes)]
+
+    @staticmethod
+    def _probabilities(h: dict[str, Tensor]) -> dict[str, Tensor]:
+        prob = h["cls"].softmax(dim=1)
+        return {"category": prob[:, 1:].contiguous(), "background": prob[:, 0].contiguous(),
+                "color": h["color"].softmax(dim=1), "size": h["size"].softmax(dim=1)}
 
     def dense_maps(self, images: list[np.ndarray], size: int) -> list[dict[int, Tensor]]:
         """Per image {stride: Tensor[fpn_channels, size // stride, size // stride]} of the FPN levels computed

@@ -50,7 +50,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,23 +85,17 @@ CHUNK_KEYS = {
 }
 
 
-@contextlib.contextmanager
-def fixed_threads(threads: int | None) -> Iterator[None]:
-    """Run the block on ``threads`` torch intra-op threads (None: leave them as they are), then restore.
+def fixed_threads(threads: int | None) -> contextlib.AbstractContextManager[int]:
+    """Run the block on ``threads`` torch intra-op threads (None or 0: leave them as they are), then restore
+    (:func:`refground.threads.use_threads`).
 
     Why: a CPU kernel (convolution, matmul, reduction) splits its sums by the thread count, so the same
     weights and image give outputs a few float ulps apart on 1 and on 2 threads, and float16 storage does
     not always round them together. A fixed count makes the bytes independent of the machine's cores and
     of ``OMP_NUM_THREADS`` (they still depend on the torch version and the CPU's instruction set)."""
-    if not threads:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    from refground.threads import use_threads
+
+    return use_threads(int(threads) if threads else None)
 
 
 def provenance(threads: int | None) -> dict[str, Any]:
@@ -204,9 +198,13 @@ class Extractor:
             out["nms_scores"] = p.nms_scores.float().numpy()
         return out
 
-    def _proposals(self, images: list[np.ndarray], rows: range, with_detections: bool = False
-                   ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]] | None]:
-        """(proposal arrays, detection arrays or None) per image of ``rows``."""
+    def _proposals(self, images: list[np.ndarray], rows: range, with_detections: bool = False,
+                   boxes: list[torch.Tensor] | None = None
+                   ) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]] | None, list[torch.Tensor] | None]:
+        """(proposal arrays, detection arrays or None, features of ``boxes`` or None) per image of ``rows``.
+
+        With ``boxes`` and a proposal source that pools given boxes in its own pass (``propose_pooled``, the
+        built-in detector), their features come from the same region-head call as the proposals'."""
         ds = self.ds
         if self.proposals is None:
             assert self.existing is not None and not with_detections
@@ -214,13 +212,17 @@ class Extractor:
             for r in rows:
                 out.append({f: self.existing.image("proposals", f, r)
                             for f in ("boxes", "scores", "labels", "class_scores", "features")})
-            return out, None
+            return out, None, None
         ids = [int(ds.image_ids[r]) for r in rows]
+        if boxes is not None:
+            props, dets, feats = self.proposals.propose_pooled(images, ids, self.max_proposals, boxes,
+                                                               self.detections if with_detections else None)
+            return [self._arrays(p) for p in props], None if dets is None else [self._arrays(d) for d in dets], feats
         if with_detections:
             props, dets = self.proposals.propose_with_detections(images, ids, self.max_proposals, self.detections)
-            return [self._arrays(p) for p in props], [self._arrays(d) for d in dets]
+            return [self._arrays(p) for p in props], [self._arrays(d) for d in dets], None
         props = self.proposals.propose(images, ids, self.max_proposals)
-        return [self._arrays(p) for p in props], None
+        return [self._arrays(p) for p in props], None, None
 
     def compute(self, rows: range, want: set[str]) -> dict[str, dict[str, np.ndarray]]:
         """Chunk arrays for image rows ``rows`` of each wanted artifact kind."""
@@ -236,9 +238,15 @@ class Extractor:
             gt = [torch.as_tensor(ds.object_boxes[ds.image_object_offsets[r]:ds.image_object_offsets[r + 1]],
                                   dtype=torch.float32) for r in brows]
             with_dets = self.detections is not None and "features" in want
-            props, dets = self._proposals(images, brows, with_dets) if want & {"features", "clip"} else ([], None)
+            # The built-in detector pools the ground-truth boxes in its proposal pass (one region-head call).
+            one_pass = ("features" in want and self.features is not None and self.features is self.proposals
+                        and hasattr(self.proposals, "propose_pooled"))
+            props, dets, pooled = self._proposals(images, brows, with_dets, gt if one_pass else None) \
+                if want & {"features", "clip"} else ([], None, None)
             if "features" in want:
-                if self.features is not None:
+                if pooled is not None:
+                    gf = [_f16(f) for f in pooled]
+                elif self.features is not None:
                     # A source that is both (the built-in detector) already gave its proposals' features.
                     for group in (props, dets) if dets is not None else (props,):
                         if self.features is not self.proposals or any(p["features"] is None for p in group):

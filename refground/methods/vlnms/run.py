@@ -37,14 +37,15 @@ from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.eval.metrics import IOU_THRESHOLD, RECALL_NS, proposal_hit_ranks, recall_from_ranks
 from refground.features.contents import extract_command, require_sections
+from refground.features.extract import fixed_threads
 from refground.features.pipeline import features_path
-from refground.grounding.candidates import check_finite, feature_stats, query_proposals_path
+from refground.grounding.candidates import check_finite, feature_stats, id_rows, query_proposals_path
 from refground.grounding.queries import QueryTable, encode_queries, single_referent_rows
 from refground.methods.vlnms.model import (VLNMSConfig, build_relatedness, decode_deltas, regression_targets,
                                     spatial_vector, vlnms_loss)
 from refground.progress import track
 from refground.runs import local_run_name, resolve_run
-from refground.structures import RaggedBoxes, offsets_of
+from refground.structures import RaggedBoxes, group_rows, offsets_of
 from refground.text.vocab import Vocabulary
 from refground.train import (MODEL_FILE, LoadedRun, RunSpec, best_epoch_figures, complete_run,
                              config_params, fit, load_run_folder, step_decay)
@@ -162,15 +163,41 @@ def encode_vlnms_queries(ds: Dataset, split: str, vocab: Vocabulary, pseudo: dic
                          max_words: int = 40) -> VLNMSQueries:
     """The split's expression queries; foreground = referent + ``pseudo[query_id]`` (context object ids)."""
     table = encode_queries(ds, split, vocab, max_words)
-    fg: list[np.ndarray] = []
-    for n, qid in enumerate(table.query_ids.tolist()):
-        first = int(ds.image_object_offsets[table.image_rows[n]])
-        own = [int(table.targets[n])] if table.targets[n] >= 0 else []
-        ctx = [] if pseudo is None else [ds.object_row(int(o)) - first for o in pseudo.get(qid, ())]
-        fg.append(np.array(own + [c for c in ctx if c not in own], dtype=np.int64))
-    counts = np.array([len(x) for x in fg], dtype=np.int64)
-    return VLNMSQueries(table, offsets_of(counts),
-                        np.concatenate(fg) if fg else np.zeros(0, np.int64))
+    return VLNMSQueries(table, *query_foreground(ds, table, pseudo))
+
+
+def query_foreground(ds: Dataset, table: QueryTable, pseudo: dict[int, Any] | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The foreground objects of each query of ``table``: its referent (``targets[n]`` when >= 0), then the
+    context object ids ``pseudo[query_id]`` in their order, less any that is the referent (a repeated context
+    stays repeated), as local indices within the query's image's objects.
+
+    Returns fg_offsets int64[Q + 1] and fg_local int64[F]. Vectorised over queries and contexts (the pre-change
+    loop is ``refground.bench.vlnms_bench._reference_query_foreground``); an unknown context object id is the
+    :class:`DataError` of ``Dataset.object_row``.
+    """
+    nq = len(table)
+    targets = np.asarray(table.targets, dtype=np.int64)
+    own = np.flatnonzero(targets >= 0)
+    ctx_q, ctx_local = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if pseudo and nq:
+        keys = np.fromiter(pseudo.keys(), np.int64, len(pseudo))
+        lens = np.fromiter(map(len, pseudo.values()), np.int64, len(pseudo))
+        # A list value of no ids concatenates as float: ids stay exact below 2^53.
+        flat = np.concatenate([np.zeros(0, np.int64), *pseudo.values()])
+        key = id_rows(keys, table.query_ids, "query", missing=-1)        # -1: the query has no contexts
+        has = np.flatnonzero(key >= 0)
+        rows, _ = group_rows(offsets_of(lens), key[has])
+        ctx_q = np.repeat(has, lens[key[has]])
+        first = ds.image_object_offsets[table.image_rows[ctx_q]].astype(np.int64)
+        ctx_local = id_rows(ds.object_ids, flat[rows].astype(np.int64), "object") - first
+        keep = (targets[ctx_q] < 0) | (ctx_local != targets[ctx_q])
+        ctx_q, ctx_local = ctx_q[keep], ctx_local[keep]
+    # Referent first: a stable sort by query keeps the referents (listed first) ahead of their contexts.
+    q_of = np.concatenate([own, ctx_q])
+    order = np.argsort(q_of, kind="stable")
+    local = np.concatenate([targets[own], ctx_local])[order]
+    return offsets_of(np.bincount(q_of, minlength=nq)), local.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -232,8 +259,7 @@ def make_vlnms_batch(queries: VLNMSQueries, dets: DetectionSet, index: np.ndarra
     # Foreground objects of each query.
     fg_counts = queries.fg_offsets[index + 1] - queries.fg_offsets[index]
     fg_q = np.repeat(np.arange(len(index)), fg_counts)
-    fg_pos = np.concatenate([np.arange(queries.fg_offsets[i], queries.fg_offsets[i + 1]) for i in index]) \
-        if len(index) else np.zeros(0, np.int64)
+    fg_pos = group_rows(queries.fg_offsets, index)[0]
     fg = np.zeros((len(index), m), dtype=bool)
     fg[fg_q, queries.fg_local[fg_pos]] = True
     fg_iou = np.where(fg[:, None, :], iou, -1.0)
@@ -301,35 +327,49 @@ def _check_floor(min_confidence: float) -> None:
         raise UsageError(f"--min-confidence {min_confidence}: must be in [0, 1)")
 
 
-@torch.no_grad()
-def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
-                       batch_size: int = SCORE_BATCH, description: str = "") -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """r of every detection of each query's image (float32[K_q]) and, for models with a regression head,
-    the refined boxes (float32[K_q, 4]; else the detection boxes), in the order of ``index``.
+def score_chunks(order: np.ndarray, image_rows: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """Cut ``order`` (queries sorted so that the queries of an image are consecutive; ``image_rows`` their
+    images in that order) into ``(start, end)`` chunks of whole images: a chunk ends at the first image
+    boundary at least ``batch_size`` queries after its start, or at the end. One search per chunk."""
+    n = len(order)
+    if n == 0:
+        return []
+    bounds = np.r_[np.flatnonzero(image_rows[1:] != image_rows[:-1]) + 1, n]    # image ends, increasing
+    chunks, s0 = [], 0
+    while s0 < n:
+        s = int(bounds[min(np.searchsorted(bounds, s0 + max(batch_size, 1)), len(bounds) - 1)])
+        chunks.append((s0, s))
+        s0 = s
+    return chunks
 
-    Queries are scored in chunks of whole images (about ``batch_size`` queries): the image's detections are
-    padded once, and a model with ``encode_boxes`` (VL-NMS-FC) encodes them once for all its queries.
+
+@torch.no_grad()
+def relatedness_ragged(model: torch.nn.Module, queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
+                       batch_size: int = SCORE_BATCH, description: str = "") -> RaggedBoxes:
+    """r of every detection of each query's image and, for models with a regression head, the refined boxes
+    (else the detection boxes), for the queries ``index`` in that order: a :class:`RaggedBoxes` whose group
+    n is query ``index[n]`` over the detections of its image (row j: the image's j-th detection), boxes
+    float32[P, 4] and the row field ``relatedness`` float32[P].
+
+    Queries are scored in chunks of whole images (about ``batch_size`` queries, :func:`score_chunks`): the
+    image's detections are padded once, and a model with ``encode_boxes`` (VL-NMS-FC) encodes them once for
+    all its queries. A chunk's scores and decoded boxes are gathered and written with no loop over queries.
     """
     model.eval()
     weights = tuple(getattr(getattr(model, "config", None), "box_coder_weights", (10.0, 10.0, 5.0, 5.0)))
     t = queries.table
     index = np.asarray(index, dtype=np.int64)
-    if len(index) == 0:
-        return [], []
-    # Images in order of detection count, so a chunk's padding to its largest set stays small.
+    out_off = offsets_of(dets.counts()[t.image_rows[index]])
+    rel_out = np.zeros(int(out_off[-1]), np.float32)
+    box_out = np.zeros((int(out_off[-1]), 4), np.float32)
+    # Images in order of detection count, so a chunk's padding to its largest set stays small; ``perm`` holds
+    # positions in ``index``, which say where a query's rows go.
     size = dets.counts()[t.image_rows[index]]
-    order = index[np.lexsort((t.image_rows[index], size))]
-    img = t.image_rows[order]
-    new_image = np.r_[True, img[1:] != img[:-1]] if len(img) else np.zeros(0, bool)
-    starts = np.flatnonzero(new_image)
-    chunks, s0 = [], 0
-    for s in starts.tolist()[1:] + [len(order)]:
-        if s - s0 >= batch_size or s == len(order):
-            chunks.append(order[s0:s])
-            s0 = s
-    rel: dict[int, np.ndarray] = {}
-    refined: dict[int, np.ndarray] = {}
-    for chunk in (track(chunks, total=len(chunks), description=description) if description else chunks):
+    perm = np.lexsort((t.image_rows[index], size))
+    order = index[perm]
+    chunks = score_chunks(order, t.image_rows[order], batch_size)
+    for s0, s1 in (track(chunks, total=len(chunks), description=description) if description else chunks):
+        chunk = order[s0:s1]
         images, q2u = np.unique(t.image_rows[chunk], return_inverse=True)
         feats, boxes, spatial, valid, rows = image_tensors(dets, images)
         mask = torch.from_numpy(valid)
@@ -341,20 +381,48 @@ def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: Dete
             out = model.score_boxes(words, {k: v[qi] for k, v in enc.items()}, mask[qi])
         else:
             out = model(words, feats[qi], spatial[qi], mask[qi])
-        for n, q in enumerate(chunk.tolist()):
-            u = int(q2u[n])
-            k = int(valid[u].sum())
-            rel[q] = out["scores"][n, :k].numpy().astype(np.float32)
-            det = boxes[u, :k]
-            if "deltas" in out:
-                h, w = dets.image_sizes[images[u]]
-                box = decode_deltas(out["deltas"][n, :k], torch.from_numpy(det), weights)
-                box[:, 0::2] = box[:, 0::2].clamp(0, float(w))
-                box[:, 1::2] = box[:, 1::2].clamp(0, float(h))
-                refined[q] = box.numpy().astype(np.float32)
-            else:
-                refined[q] = det
-    return [rel[i] for i in index.tolist()], [refined[i] for i in index.tolist()]
+        dst = group_rows(out_off, perm[s0:s1])[0]           # the chunk's rows in the output, in chunk order
+        rel_out[dst], box_out[dst] = chunk_outputs(out, boxes, valid, q2u, dets.image_sizes[images], weights)
+    return RaggedBoxes(out_off, box_out, {"relatedness": rel_out})
+
+
+def chunk_outputs(out: dict[str, torch.Tensor], boxes: np.ndarray, valid: np.ndarray, q2u: np.ndarray,
+                  image_sizes: np.ndarray, weights: tuple[float, ...] = (10.0, 10.0, 5.0, 5.0)
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of one scored chunk of B queries over U images, query after query: relatedness float32[P] and
+    boxes float32[P, 4] (P = the queries' detections; the detection boxes, or with ``out["deltas"]`` the
+    boxes it refines, clamped to the image).
+
+    out: the model's output (``scores`` Tensor[B, K], optional ``deltas`` Tensor[B, K, 4]); boxes float32[U, K, 4]
+    and valid bool[U, K] (a prefix per image) of :func:`image_tensors`; q2u int[B] each query's image;
+    image_sizes int64[U, 2] (height, width). One gather and one decode for the chunk (the pre-change loop over
+    queries is ``refground.bench.vlnms_bench._reference_chunk_outputs``).
+    """
+    vq = valid[q2u]                                         # [B, K]: each query's own detections
+    rel = out["scores"].detach().numpy()[vq].astype(np.float32)
+    det = boxes[q2u][vq]                                    # [P, 4]
+    if "deltas" in out:
+        hw = np.repeat(image_sizes[q2u], vq.sum(1), axis=0).astype(np.float32)          # [P, 2] (height, width)
+        # One thread: elementwise ops over a chunk's ~80k values split over threads above torch's grain size,
+        # which stalls for milliseconds on a busy machine (16 ms against 1 ms here); the values do not change.
+        with fixed_threads(1):
+            box = decode_deltas(torch.from_numpy(out["deltas"].detach().numpy()[vq]), torch.from_numpy(det), weights)
+            # clamp with tensor bounds: bitwise the values of the per-query clamp(0, w) / clamp(0, h), NaN and
+            # signed zeros included (clamp(min=0) then minimum() is not: it changes the sign of NaNs).
+            det = torch.clamp(box, min=torch.zeros_like(box), max=torch.from_numpy(hw[:, [1, 0, 1, 0]])).numpy()
+    return rel, det.astype(np.float32, copy=False)
+
+
+def relatedness_scores(model: torch.nn.Module, queries: VLNMSQueries, dets: DetectionSet, index: np.ndarray,
+                       batch_size: int = SCORE_BATCH, description: str = "") -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`relatedness_ragged` as lists in the order of ``index``: r of every detection of each query's
+    image (float32[K_q]) and the refined boxes (float32[K_q, 4]; the detection boxes without a regression
+    head). Views into the ragged arrays; callers on the hot path use :func:`relatedness_ragged`."""
+    if len(index) == 0:
+        return [], []
+    scored = relatedness_ragged(model, queries, dets, index, batch_size, description)
+    cuts = scored.offsets[1:-1]
+    return np.split(scored.relatedness, cuts), np.split(scored.boxes, cuts)
 
 
 def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: DetectionSet, iou_threshold: float = 0.5,
@@ -362,11 +430,13 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
                 min_confidence: float = 0.0) -> QueryProposals:
     """Query-aware proposals of every query (``model=None``: confidence-only NMS, r = 1).
 
-    The NMS runs once per image for all its queries (they share the detections); regression-refined boxes
-    replace the kept detections' boxes in the output (the suppression itself uses the detector's boxes).
-    ``min_confidence`` is a floor on the detector confidence c applied before the NMS, i.e. a detection
-    threshold above the one the pre-NMS set was stored with (an image with no detection above it keeps its
-    most confident one, so every query has a proposal).
+    The NMS runs once per image for all its queries (they share the detections: one
+    :func:`~refground.boxes.fused_nms` call per image; merging images into one call would make every
+    suppression step scan them all); regression-refined boxes replace the kept detections' boxes in the
+    output (the suppression itself uses the detector's boxes). ``min_confidence`` is a floor on the detector
+    confidence c applied before the NMS, i.e. a detection threshold above the one the pre-NMS set was stored
+    with (an image with no detection above it keeps its most confident one, so every query has a proposal).
+    The kept indices of all queries are assembled with gathers, no loop over queries or boxes.
     """
     if top_n < 1:
         raise UsageError(f"--top-n {top_n}: must be at least 1")
@@ -374,18 +444,18 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
     if not 0 < iou_threshold <= 1:
         raise UsageError(f"--nms-threshold {iou_threshold}: must be in (0, 1]")
     t = queries.table
-    index = np.arange(len(t))
+    nq = len(t)
     t0 = time.perf_counter()
+    scored = None
     if model is not None:
-        rel, refined = relatedness_scores(model, queries, dets, index, description=description)
-    else:
-        rel = [np.ones(int(k), np.float32) for k in dets.counts()[t.image_rows]]
-        refined = [dets.boxes[dets.rows(int(r))] for r in t.image_rows]
+        scored = relatedness_ragged(model, queries, dets, np.arange(nq), description=description)
     t1 = time.perf_counter()
     order = np.argsort(t.image_rows, kind="stable")
     starts = np.flatnonzero(np.r_[True, np.diff(t.image_rows[order]) != 0]) if len(order) else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(order)]
-    picks: list[np.ndarray] = [np.zeros(0, np.int64)] * len(t)
+    set_sizes = dets.counts()[t.image_rows]
+    # fused_nms keeps at most min(top_n, K) boxes: the columns past the largest set are -1 for every query.
+    picks = np.full((nq, min(top_n, int(set_sizes.max()) if nq else 0)), -1, dtype=np.int64)
     for s, e in zip(starts.tolist(), ends.tolist()):
         qs = order[s:e]
         r = int(t.image_rows[qs[0]])
@@ -394,24 +464,41 @@ def apply_vlnms(model: torch.nn.Module | None, queries: VLNMSQueries, dets: Dete
         sub = np.flatnonzero(conf >= min_confidence)
         if len(sub) == 0 and len(conf):
             sub = np.array([int(conf.argmax())])
-        rel_q = np.stack([rel[q] for q in qs])[:, sub] if len(qs) else np.zeros((0, len(sub)), np.float32)
+        rel_q = np.ones((len(qs), len(sub)), np.float32) if scored is None else \
+            scored.relatedness[scored.offsets[qs][:, None] + sub[None, :]]
         keep = fused_nms(torch.from_numpy(dets.boxes[sl][sub]), torch.from_numpy(conf[sub]),
                          torch.from_numpy(rel_q), torch.from_numpy(dets.labels[sl][sub]), iou_threshold, top_n,
                          class_agnostic).numpy()
         keep = np.where(keep >= 0, sub[np.maximum(keep, 0)] if len(sub) else -1, -1)
-        for j, q in enumerate(qs.tolist()):
-            picks[q] = keep[j][keep[j] >= 0]
+        picks[qs] = keep[:, :picks.shape[1]]
     t2 = time.perf_counter()
-    counts = np.array([len(p) for p in picks], dtype=np.int64)
-    offsets = offsets_of(counts)
-    local = np.concatenate(picks) if len(picks) else np.zeros(0, np.int64)
-    q_of = np.repeat(np.arange(len(t)), counts)
-    det_rows = dets.offsets[t.image_rows[q_of]] + local
-    rel_kept = np.array([rel[q][i] for q, i in zip(q_of.tolist(), local.tolist())], dtype=np.float32)
-    boxes = np.array([refined[q][i] for q, i in zip(q_of.tolist(), local.tolist())], dtype=np.float32).reshape(-1, 4)
-    fused = rel_kept * dets.scores[det_rows]
-    return QueryProposals(t.query_ids.copy(), offsets, det_rows, boxes, fused.astype(np.float32), rel_kept,
-                          t1 - t0, t2 - t1)
+    return QueryProposals(t.query_ids.copy(), *kept_proposals(picks, t.image_rows, dets, scored), t1 - t0, t2 - t1)
+
+
+def kept_proposals(picks: np.ndarray, image_rows: np.ndarray, dets: DetectionSet, scored: RaggedBoxes | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The proposals of Q queries from their NMS picks, with gathers (the pre-change loop over every kept
+    box is ``refground.bench.vlnms_bench._reference_kept_proposals``).
+
+    picks int64[Q, W]: per query the kept detections (indices within its image's set, best first, -1 after
+    the last); image_rows int[Q]; scored: :func:`relatedness_ragged` of the Q queries (None: r = 1 and the
+    detection boxes). Returns offsets int64[Q + 1], det_rows int64[P], boxes float32[P, 4], fused float32[P]
+    (r x c) and relatedness float32[P].
+    """
+    kept = picks >= 0                                   # a prefix of each row: row-major order is rank order
+    counts = kept.sum(1).astype(np.int64)
+    local = picks[kept].astype(np.int64, copy=False)
+    q_of = np.repeat(np.arange(len(picks)), counts)
+    det_rows = dets.offsets[image_rows[q_of]] + local
+    if scored is None:
+        rel = np.ones(len(local), dtype=np.float32)
+        boxes = dets.boxes[det_rows].astype(np.float32).reshape(-1, 4)
+    else:
+        at = scored.offsets[q_of] + local
+        rel = scored.relatedness[at].astype(np.float32)
+        boxes = scored.boxes[at].astype(np.float32).reshape(-1, 4)
+    fused = (rel * dets.scores[det_rows]).astype(np.float32)
+    return offsets_of(counts), det_rows, boxes, fused, rel
 
 
 def recall_of(props: QueryProposals, queries: VLNMSQueries, ds: Dataset, ns: tuple[int, ...] = RECALL_NS
