@@ -284,29 +284,41 @@ def _greedy_upper(suppress: np.ndarray) -> np.ndarray:
     return _greedy_loop(suppress)
 
 
-def _greedy_loop(suppress: np.ndarray) -> np.ndarray:
+def _greedy_loop(suppress: np.ndarray, limit: int | None = None) -> np.ndarray:
     """:func:`_greedy_upper` as a loop that runs once per KEPT box, each step one vector update over all
-    later boxes (the reference the fixed point is tested against, and its fallback)."""
+    later boxes (the reference the fixed point is tested against, and its fallback). With ``limit``, only the
+    first ``limit`` kept boxes are kept (the loop stops there: the greedy answer up to them does not depend on
+    the boxes after)."""
     n = suppress.shape[0]
     removed = np.zeros(n, dtype=bool)
-    i = 0
+    if limit is not None and limit <= 0:
+        removed[:] = True
+        return ~removed
+    i, kept = 0, 1
     while i < n - 1:
         tail = removed[i + 1:]
+        if limit is not None and kept >= limit:
+            tail[:] = True
+            break
         tail |= suppress[i, i + 1:]
         j = int(tail.argmin())  # first box after i that is still alive (if any)
         if tail[j]:
             break
         i += 1 + j
+        kept += 1
     return ~removed
 
 
-def _nms_sorted(boxes: np.ndarray, labels: np.ndarray | None, iou_threshold: float) -> np.ndarray:
+def _nms_sorted(boxes: np.ndarray, labels: np.ndarray | None, iou_threshold: float,
+                max_keep: int | None = None) -> np.ndarray:
     """Greedy NMS on boxes already in decreasing-score order -> kept positions, int64[k] increasing.
 
-    boxes: float[N, 4] xyxy; labels: [N] or None (boxes with different labels never suppress each other).
+    boxes: float[N, 4] xyxy; labels: [N] or None (boxes with different labels never suppress each other);
+    max_keep: stop once that many are kept (the first ``max_keep`` of the full answer).
     """
     n = boxes.shape[0]
     kept: list[np.ndarray] = []
+    left = max_keep
     kept_boxes = boxes[:0]
     kept_labels = labels[:0] if labels is not None else None
     for start in range(0, n, _NMS_BLOCK):
@@ -326,15 +338,22 @@ def _nms_sorted(boxes: np.ndarray, labels: np.ndarray | None, iou_threshold: flo
         if labels is not None:
             cl = block_labels[cand]
             over &= cl[:, None] == cl[None, :]
-        keep = _greedy_upper(np.triu(over, k=1))
+        if left is None:
+            keep = _greedy_upper(np.triu(over, k=1))
+        else:  # the loop stops at the last box wanted, where the fixed point would resolve them all
+            keep = _greedy_loop(np.triu(over, k=1), left)
+            left -= int(keep.sum())
         kept.append(cand[keep] + start)
         kept_boxes = np.concatenate([kept_boxes, cb[keep]])
         if labels is not None:
             kept_labels = np.concatenate([kept_labels, cl[keep]])
+        if left is not None and left <= 0:
+            break
     return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
 
 
-def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | None) -> Tensor:
+def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | None,
+         max_keep: int | None = None) -> Tensor:
     _check_boxes(boxes)
     if scores.ndim != 1 or scores.shape[0] != boxes.shape[0]:
         raise ValueError(f"scores must be Tensor[{boxes.shape[0]}], got shape {tuple(scores.shape)}")
@@ -345,26 +364,28 @@ def _nms(boxes: Tensor, scores: Tensor, iou_threshold: float, labels: Tensor | N
     order = np.argsort(-s, kind="stable")
     b = _float(boxes).detach().cpu().numpy()[order]
     lab = labels.detach().cpu().numpy()[order] if labels is not None else None
-    keep = order[_nms_sorted(b, lab, float(iou_threshold))].astype(np.int64)
+    keep = order[_nms_sorted(b, lab, float(iou_threshold), max_keep)].astype(np.int64)
     return torch.from_numpy(keep).to(boxes.device)
 
 
-def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float, max_keep: int | None = None) -> Tensor:
     """Greedy non-maximum suppression (torchvision semantics).
 
     boxes: Tensor[N, 4] xyxy; scores: Tensor[N]; a box is discarded when its IoU (:func:`box_iou`) with an
     already kept, higher-scoring box is > ``iou_threshold``. Returns Tensor[k] int64 indices into ``boxes``
     of the kept boxes, sorted by decreasing score. Equal scores are ordered stably: the lower index comes
     first (and wins). Degenerate boxes (IoU 0 with everything) never suppress and, for thresholds >= 0,
-    are never suppressed. Boxes are not differentiated through (the result is an index).
+    are never suppressed. Boxes are not differentiated through (the result is an index). ``max_keep``: return
+    only the first ``max_keep`` kept boxes (exactly ``nms(...)[:max_keep]``), and stop working there.
 
     Implementation: boxes are sorted by score and processed in blocks of 512; a block is compared with
-    the boxes kept so far (one IoU matrix, in row chunks of 4096), then resolved greedily through its own
-    upper-triangular "suppresses" matrix with one vector update per kept box. Each needed IoU is computed
-    once, and temporaries stay O(4096 x 512) for any N. The work runs in numpy on the CPU (boxes on
-    another device are copied there and the indices copied back), see ``_box_iou_np``.
+    the boxes kept so far (one IoU matrix, in row chunks of 4096), then resolved through its own
+    upper-triangular "suppresses" matrix, as a fixed point (:func:`_greedy_upper`) or, with ``max_keep``, with
+    one vector update per kept box up to the last one wanted. Each needed IoU is computed once, and
+    temporaries stay O(4096 x 512) for any N. The work runs in numpy on the CPU (boxes on another device are
+    copied there and the indices copied back), see ``_box_iou_np``.
     """
-    return _nms(boxes, scores, iou_threshold, None)
+    return _nms(boxes, scores, iou_threshold, None, max_keep)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

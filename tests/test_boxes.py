@@ -214,6 +214,21 @@ def test_greedy_fixed_point_matches_the_per_box_loop(seed):
     assert np.array_equal(B._greedy_upper(chain), expected)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nms_max_keep_is_the_head_of_the_full_answer(monkeypatch, seed):
+    boxes, scores = clustered_boxes(700, seed + 20, image_size=400.0)
+    for block in (512, 16):  # one block, and the limit reached across blocks
+        monkeypatch.setattr(B, "_NMS_BLOCK", block)
+        full = B.nms(boxes, scores, 0.5)
+        for k in (0, 1, 7, 48, len(full), len(full) + 5):
+            assert B.nms(boxes, scores, 0.5, max_keep=k).tolist() == full[:k].tolist(), (block, k)
+    sup = np.triu(np.random.default_rng(seed).random((50, 50)) < 0.1, k=1)
+    for k in (1, 3, 10):
+        got = B._greedy_loop(sup, k)
+        assert got.sum() == min(k, B._greedy_loop(sup).sum())
+        assert np.array_equal(np.flatnonzero(got), np.flatnonzero(B._greedy_loop(sup))[:k])
+
+
 def test_nms_default_blocks_on_more_boxes_than_one_block():
     boxes, scores = clustered_boxes(1100, 7, image_size=800.0)
     boxes = boxes.double()

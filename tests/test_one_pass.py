@@ -157,3 +157,31 @@ def test_batched_roi_sampling_respects_the_quotas(synth_ds, torch_one_thread):
     # Another seed draws another subset of the same candidates.
     other = sample_rois(model, scores, boxes, batch, torch.Generator().manual_seed(2))[0]
     assert not torch.equal(other, rois)
+
+
+def test_a_deferred_detector_evaluation_keeps_the_extracted_features_current(pipeline_cache, tmp_path,
+                                                                            torch_one_thread):
+    # The quickstart trains the detector without its val evaluation; `refground train detector` writes the
+    # figures into the run folder later. What was extracted with the detector must stay current: the run's
+    # parent fingerprint covers its config and weights, not its metrics or curve.
+    import json
+    import shutil
+
+    from refground.data.store import dataset_dir, load_dataset
+    from refground.features.detector_train import train_detector
+    from refground.features.pipeline import features_path, require_features
+
+    root = tmp_path / "cache"
+    shutil.copytree(pipeline_cache, root)
+    run = root / "synth" / "runs" / "detector" / "default"
+    config = json.loads((run / "config.json").read_text())
+    (run / "metrics.json").write_text("{}")  # as trained with evaluate=False
+    require_features(features_path("synth", root))
+    ds_dir = dataset_dir("synth", root)
+    seed = json.loads((run / "manifest.json").read_text())["params"]["seed"]
+    from refground.features.detector import DetectorConfig
+
+    result = train_detector(load_dataset(ds_dir), run, DetectorConfig.from_dict(config), seed=seed, dataset_dir=ds_dir)
+    assert result["cache_hit"] and result["metrics"]["referent_recall"]  # evaluated now, and written
+    assert json.loads((run / "metrics.json").read_text())["referent_recall"] == result["metrics"]["referent_recall"]
+    require_features(features_path("synth", root))  # still current: no re-extraction, no stale CMRIN inputs

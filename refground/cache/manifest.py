@@ -12,13 +12,16 @@ artifact's own fingerprint hashes the step, its parameters and its parents' fing
 anywhere upstream gives a new fingerprint: staleness is a cache miss, never a silent reuse (the
 huggingface ``datasets`` scheme).
 
-A parent is one of three kinds, each of which can be re-fingerprinted now to tell whether the artifact
+A parent is one of four kinds, each of which can be re-fingerprinted now to tell whether the artifact
 went stale since it was made:
 
 - ``dataset``: a dataset folder (fingerprint of its manifest's command, parameters and counts);
 - ``artifact``: another artifact (the fingerprint in its manifest);
 - ``file``: an input outside the cache (a checkpoint, a model folder, a detections file): sha256 of its
-  bytes (a folder: of its files' names and bytes).
+  bytes (a folder: of its files' names and bytes);
+- ``run``: a trained run folder used as a model (the built-in detector): sha256 of the files that make its
+  outputs, ``config.json`` and ``model.pt`` (:data:`RUN_MODEL_FILES`), so its curve, metrics or a later
+  evaluation written beside them do not make what was extracted with it stale.
 
 A parent inside the same cache root is recorded by its path relative to the manifest's folder, so a cache
 can be copied or moved as a whole (an input outside the cache keeps its absolute path).
@@ -92,6 +95,7 @@ def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+RUN_MODEL_FILES = ("config.json", "model.pt")  # what a "run" parent's fingerprint covers
 SAMPLE_BLOCK = 1 << 16
 SAMPLE_BLOCKS = 8
 
@@ -254,6 +258,11 @@ def current_fingerprint(kind: str, path: str | Path) -> str:
         return require(path).fingerprint
     if kind == "file":
         return file_digest(path)
+    if kind == "run":
+        h = hashlib.sha256()
+        for name in RUN_MODEL_FILES:
+            h.update(f"{name}\0{file_digest(Path(path) / name)}\n".encode())
+        return h.hexdigest()
     raise ValueError(f"unknown parent kind {kind!r}")
 
 

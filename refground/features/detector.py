@@ -374,7 +374,7 @@ class DetectorModel(nn.Module):
             bx, sc = bx[top], scores[b][top]
             ok = remove_small_boxes(bx, c.min_box_size)
             bx, sc = bx[ok], sc[ok]
-            keep = nms(bx, sc, c.proposal_nms)[: c.post_nms_top_n]
+            keep = nms(bx, sc, c.proposal_nms, max_keep=c.post_nms_top_n)
             rois.append(torch.cat([torch.full((len(keep), 1), float(b)), bx[keep]], dim=1))
             per_image.append(len(keep))
         rois_t = torch.cat(rois) if rois else torch.zeros((0, 5))
@@ -390,7 +390,7 @@ class DetectorModel(nn.Module):
             start += n
             ok = remove_small_boxes(bx, c.min_box_size)
             bx, sc = bx[ok], sc[ok]
-            keep = nms(bx, sc, c.final_nms)[:max_proposals]
+            keep = nms(bx, sc, c.final_nms, max_keep=max_proposals)
             r = {"boxes": bx[keep], "scores": sc[keep]}
             if detection_threshold is not None:
                 det = torch.nonzero(sc >= detection_threshold).flatten()

@@ -310,7 +310,7 @@ def sample_rois(model: DetectorModel, scores: Tensor, boxes: Tensor, batch: Batc
     props, props_img = [], []
     for b in range(b_n):
         rows = torch.nonzero(ok[b]).squeeze(1)
-        kept = rows[nms(bx[b, rows], sc[b, rows], c.proposal_nms)[: c.train_proposals]]
+        kept = rows[nms(bx[b, rows], sc[b, rows], c.proposal_nms, max_keep=c.train_proposals)]
         props.append(bx[b, kept])
         props_img.append(torch.full((len(kept),), b, dtype=torch.int64))
     counts = torch.tensor([len(g) for g in batch.gt], dtype=torch.int64)

@@ -100,7 +100,7 @@ def resolve(spec: str, role: str, runs_dir: Path, class_names: list[str] | None 
 
             return BuiltinDetector.load(run)
 
-        return SourceSpec(spec, "builtin", run, name, parent("file", run), load_builtin)
+        return SourceSpec(spec, "builtin", run, name, parent("run", run), load_builtin)
     if kind == "hf":
         path = Path(rest).expanduser()
         if not path.is_dir():
