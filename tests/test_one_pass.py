@@ -185,3 +185,7 @@ def test_a_deferred_detector_evaluation_keeps_the_extracted_features_current(pip
     assert result["cache_hit"] and result["metrics"]["referent_recall"]  # evaluated now, and written
     assert json.loads((run / "metrics.json").read_text())["referent_recall"] == result["metrics"]["referent_recall"]
     require_features(features_path("synth", root))  # still current: no re-extraction, no stale CMRIN inputs
+    again = train_detector(load_dataset(ds_dir), run, DetectorConfig.from_dict(config), seed=seed,
+                           dataset_dir=ds_dir, evaluate=False)  # the quickstart's next run: a plain cache hit
+    assert again["cache_hit"] and again["metrics"] == result["metrics"]
+    assert json.loads((run / "metrics.json").read_text())["referent_recall"] == result["metrics"]["referent_recall"]

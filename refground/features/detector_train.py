@@ -456,8 +456,12 @@ def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int,
         result.update(epochs=config.epochs, resumed_from=config.epochs)
         if evaluate and not result.get("metrics") and distributed.is_main():
             # Trained without its evaluation (the quickstart's deferral): evaluate the saved weights now.
+            from refground.cache.manifest import read_manifest_of
+
             metrics = evaluate_detector(ds, BuiltinDetector.load(spec.out_dir), "val")
             write_json(spec.out_dir / METRICS_FILE, metrics)
+            # The manifest records every file's content: record the new metrics, or the run reads as edited.
+            spec.mark(complete=True, extra=read_manifest_of(spec.out_dir).extra)
             result["metrics"] = metrics
         return result
 
