@@ -41,7 +41,7 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     """
     from refground.data.synth import ensure_synthetic
     from refground.features.detector import DetectorConfig
-    from refground.features.detector_train import split_image_ids, train_detector
+    from refground.features.detector_train import features_referent_recall, split_image_ids, train_detector
     from refground.features.pipeline import default_workers, extract_dataset, features_path
     from refground.graph_artifact import build_graphs
     from refground.methods.cmrin.model import variant_config
@@ -111,7 +111,7 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
     pngs = step("figures", lambda: _figures(ds, cache, dataset, report_dir, cm, figures), lambda _r: "written")
     result = {"steps": steps, "precision": precision, "proposals": proposals, "top_n": top_n,
               "cmrin": {k: cm.get(k) for k in ("run", "best_epoch", "train_seconds", "queries_per_s")},
-              "detector_recall@10": proposal_recall_of(ds, features_path(dataset, cache), "val", (10,))[10],
+              "detector_recall@10": features_referent_recall(ds, features_path(dataset, cache), "val", (10,))[10],
               "figures": [str(p) for p in pngs], "seconds": round(time.perf_counter() - t_all, 1)}
     report = report_dir / "quickstart.md"
     from refground.atomic import atomic_file
@@ -120,22 +120,6 @@ def run_quickstart(cache: Any = None, dataset: str = "synth", seed: int = 0, cmr
         fh.write(render_report(result, ds.name))
     result["report"] = str(report)
     return result
-
-
-def proposal_recall_of(ds: Any, features: Path, split: str, ns: tuple[int, ...]) -> dict[int, float]:
-    """Referent recall@N of a features artifact's proposals over ``split``'s expressions: the detector's referent
-    recall of :func:`refground.features.detector_train.evaluate_detector` (the artifact holds the same proposals,
-    best first), read from the extraction instead of running the detector again."""
-    from refground.cache import RaggedH5
-    from refground.eval.metrics import proposal_recall
-
-    queries = ds.queries(split, "expression")
-    with RaggedH5(features) as f:
-        boxes, off = f.table("proposals", "boxes"), f.offsets["proposals"]
-        row = {int(i): k for k, i in enumerate(f.table("images", "ids"))}
-    props = [boxes[off[row[q.image_id]]:off[row[q.image_id] + 1]] for q in queries]
-    targets = [ds.object_boxes[[ds.object_row(q.referent_object_id)]] for q in queries]
-    return proposal_recall(props, targets, ns)
 
 
 def _figures(ds: Any, cache: Any, dataset: str, out_dir: Path, cm: dict[str, Any], count: int) -> list[Path]:

@@ -189,3 +189,33 @@ def test_a_deferred_detector_evaluation_keeps_the_extracted_features_current(pip
                            dataset_dir=ds_dir, evaluate=False)  # the quickstart's next run: a plain cache hit
     assert again["cache_hit"] and again["metrics"] == result["metrics"]
     assert json.loads((run / "metrics.json").read_text())["referent_recall"] == result["metrics"]["referent_recall"]
+
+
+def test_referent_recall_from_the_features_is_the_detectors_own(pipeline_cache, torch_one_thread):
+    # The quickstart reads the detector's recall from the extracted proposals instead of running it again.
+    from refground.data.store import load_named
+    from refground.features.detector_train import evaluate_detector, features_referent_recall
+    from refground.features.pipeline import features_path
+
+    ds = load_named("synth", pipeline_cache)
+    own = evaluate_detector(ds, BuiltinDetector.load(pipeline_cache / "synth" / "runs" / "detector" / "default"))
+    read = features_referent_recall(ds, features_path("synth", pipeline_cache), "val")
+    assert {str(n): v for n, v in read.items()} == own["referent_recall"]
+
+
+def test_referent_recall_from_the_features_ranks_each_images_proposals(synth_ds, tmp_path):
+    # Proposals = each image's ground-truth boxes in storage order: the referent is found at its rank in its image.
+    from refground.cache import write_h5
+    from refground.features.detector_train import features_referent_recall
+
+    ds = synth_ds
+    offs = ds.image_object_offsets
+    path = tmp_path / "f.h5"
+    write_h5(path, [{"images.ids": ds.image_ids, "proposals.counts": np.diff(offs),
+                     "proposals.boxes": ds.object_boxes.astype(np.float32)}], {})
+    read = features_referent_recall(ds, path, "val", (1, 2, 100))
+    queries = ds.queries("val", "expression")
+    rank = [ds.object_row(q.referent_object_id) - ds.object_slice(q.image_id).start for q in queries]
+    assert read[1] == pytest.approx(np.mean([r < 1 for r in rank])) and 0 < read[1] < 1
+    assert read[2] == pytest.approx(np.mean([r < 2 for r in rank]))
+    assert read[100] == 1.0

@@ -516,6 +516,27 @@ def _train_locked(ds: Dataset, spec: RunSpec, config: DetectorConfig, seed: int,
 # ----------------------------------------------------------------------------------------- evaluation
 
 
+def referent_targets(ds: Dataset, queries: Sequence[Any]) -> list[np.ndarray]:
+    """Per query its referent's box, float64[1, 4] (the targets of the detector's referent recall)."""
+    return [ds.object_boxes[[ds.object_row(q.referent_object_id)]] for q in queries]
+
+
+def features_referent_recall(ds: Dataset, features: Path, split: str = "val",
+                             max_n: Sequence[int] = RECALL_NS) -> dict[int, float]:
+    """The referent recall@N of :func:`evaluate_detector`, read from a features artifact's proposals (best
+    first) instead of running the detector: for the artifact the detector extracted, the same boxes and so the
+    same figures. ``{N: recall}``."""
+    from refground.cache import RaggedH5
+    from refground.eval.metrics import proposal_recall
+
+    queries = ds.queries(split, "expression")
+    with RaggedH5(features) as f:
+        boxes, off = f.table("proposals", "boxes"), f.offsets["proposals"]
+        row = {int(i): k for k, i in enumerate(f.table("images", "ids"))}
+    props = [boxes[off[row[q.image_id]]:off[row[q.image_id] + 1]] for q in queries]
+    return proposal_recall(props, referent_targets(ds, queries), tuple(int(n) for n in max_n))
+
+
 def evaluate_detector(ds: Dataset, detector: BuiltinDetector, split: str = "val",
                       max_n: Sequence[int] = RECALL_NS, batch_size: int = 16) -> dict[str, Any]:
     """Proposal recall and attribute accuracy of a detector on ``split``.
@@ -561,14 +582,12 @@ def evaluate_detector(ds: Dataset, detector: BuiltinDetector, split: str = "val"
                 known = t >= 0
                 hits[key][0] += int((pred[known] == t[known]).sum())
                 hits[key][1] += int(known.sum())
-    ref_targets, ctx_targets, q_props = [], [], []
+    q_props = [proposals[q.image_id] for q in queries]
+    ref_recall = proposal_recall(q_props, referent_targets(ds, queries), ns)
+    ctx_targets = []
     for q in queries:
-        ref = q.referent_object_id
-        ctx = sorted({o for m in q.mentions if m.role == "context" for o in m.object_ids} - {ref})
-        q_props.append(proposals[q.image_id])
-        ref_targets.append(ds.object_boxes[[ds.object_row(ref)]])
+        ctx = sorted({o for m in q.mentions if m.role == "context" for o in m.object_ids} - {q.referent_object_id})
         ctx_targets.append(ds.object_boxes[[ds.object_row(o) for o in ctx]].reshape(-1, 4))
-    ref_recall = proposal_recall(q_props, ref_targets, ns)
     ctx_recall = proposal_recall(q_props, ctx_targets, ns)
 
     def acc(key: str) -> float:
@@ -591,5 +610,5 @@ def evaluate_detector(ds: Dataset, detector: BuiltinDetector, split: str = "val"
     }
 
 
-__all__ = ["STEP", "TrainData", "evaluate_detector", "load_train_data", "run_spec", "train_detector",
-           "training_losses"]
+__all__ = ["STEP", "TrainData", "evaluate_detector", "features_referent_recall", "load_train_data",
+           "referent_targets", "run_spec", "sample_rois", "train_detector", "training_losses"]
