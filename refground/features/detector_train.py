@@ -27,7 +27,8 @@ against 3 float32 epochs (referent recall@10 87.1, @100 98.9, category accuracy 
 points of category accuracy (86.0; recall@10 86.0), and neither a higher peak rate with a shorter warm-up
 (4e-3: 77.2; 3e-3 with 32 RoIs per image: 69.8), a lower one (1e-3: 83.5) nor batches of 6 (86.7) recover
 it; 3 epochs with the backbone and FPN under bfloat16 autocast (:func:`training_precision`) give 87.3,
-99.2 and 91.6 with a 27% faster step. That is the default: 3 epochs, about 2 minutes at 85-90 images/s.
+99.2 and 91.6 in about 20% less time (119-134 s against 147 s in the same session; a step A/B in
+`refground bench quickstart-stages` is noisy here). That is the default: 3 epochs, about 2 minutes.
 """
 
 from __future__ import annotations
@@ -172,9 +173,9 @@ def training_precision(config: DetectorConfig) -> str:
     """The precision the backbone and FPN train in: ``config.train_precision``, "auto" resolved to
     "bfloat16" on CPUs with native bfloat16 (:func:`native_bfloat16`) and "float32" elsewhere.
 
-    Measured on the default world (2 cores with ``avx512_bf16``): the training step 27% faster under bfloat16
-    autocast, and the val figures of the 3-epoch detector level with float32's (referent recall@10 87.3 vs
-    87.1, recall@100 99.2 vs 98.9, category accuracy 91.6 vs 91.5). Weights, optimizer and the heads stay
+    Measured on the default world (2 cores with ``avx512_bf16``): training about 20% faster under bfloat16
+    autocast (interleaved steps measured 27% once), and the val figures of the 3-epoch detector level with
+    float32's (referent recall@10 87.3 vs 87.1, recall@100 99.2 vs 98.9, category accuracy 91.6 vs 91.5). Weights, optimizer and the heads stay
     float32; the run's manifest records the resolved precision."""
     if config.train_precision != "auto":
         return config.train_precision
