@@ -124,3 +124,27 @@ def pipeline_cache(synth_cache, synth_ds, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root
+
+
+@pytest.fixture(scope="session")
+def lts_cache(pipeline_cache, tmp_path_factory) -> Path:
+    """pipeline_cache plus the tiny detector's dense maps (``dense/detector-default.zarr``, the 24 images at
+    strides 32, 16, 8: 4x4, 8x8, 16x16 cells of 16 channels): everything `refground train lts` needs. Copy it
+    before writing into it."""
+    import shutil
+
+    import torch
+
+    from refground.features.pipeline import extract_dataset
+
+    root = tmp_path_factory.mktemp("lts") / "cache"
+    shutil.copytree(pipeline_cache, root)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # The features artifact is a hit (same max_proposals); only the dense maps are computed (~0.2 s).
+        res = extract_dataset("synth", root, dense=True, max_proposals=20)
+    finally:
+        torch.set_num_threads(threads)
+    assert res["artifacts"]["dense"]["status"] == "written"
+    return root

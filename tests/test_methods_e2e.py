@@ -20,12 +20,14 @@ TINY = {
     "cmrin": TINY_CMRIN,
     "vlnms": {"word_dim": 8, "gru_hidden": 8, "mlp_dim": 8, "attention_dim": 4, "trans_dim": 8, "trans_heads": 2,
               "trans_layers": 1, "trans_ff": 8, "epochs": 2, "batch_size": 16, "lr": 2e-3},
+    "lts": {"word_dim": 8, "gru_dim": 8, "fusion_dim": 8, "level_dim": 4, "aspp_dim": 4, "epochs": 1,
+            "batch_size": 16, "lr_decay_epochs": 1},
 }
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A 60-image world with a tiny detector, its features (with the pre-NMS detections) and graphs, and a
+    """A 60-image world with a tiny detector, its features (with the pre-NMS detections), dense maps and graphs, and a
     tiny CMRIN run named "cmrin" (the second stage that proposal methods report with)."""
     import torch
 
@@ -46,7 +48,7 @@ def world(tmp_path_factory) -> Path:
         ds = load_dataset(dataset_dir("synth", root))
         train_detector(ds, root / "synth" / "runs" / "detector" / "default", tiny_config(epochs=1), seed=0,
                        dataset_dir=dataset_dir("synth", root), evaluate=False)
-        extract_dataset("synth", root, dense=False, max_proposals=20, detections=0.05)
+        extract_dataset("synth", root, dense=True, max_proposals=20, detections=0.05)
         build_graphs("synth", root)
         train_cmrin("synth", root, "cmrin", CMRINConfig(**TINY_CMRIN), seed=0)
     finally:
@@ -77,11 +79,12 @@ def test_method_end_to_end(name, world, tmp_path, capsys):
     assert (run_folder / "model.pt").is_file() and (run_folder / "metrics.json").is_file()
     assert run_json(capsys, "train", name, "--run", "t", "--config", str(cfg), *c)["cache_hit"] is True
     ev = run_json(capsys, "eval", "--method", name, "--run", "t", "--split", "val", *c)
-    section = "comprehension" if m.task == "comprehension" else "proposals"
+    section = {"comprehension": "comprehension", "segmentation": "segmentation"}.get(m.task, "proposals")
     assert ev["counts"]["predictions_in_split"] > 0 and section in ev
     png = tmp_path / "show.png"
     assert main(["show", "--method", name, "--run", "t", "--split", "val", "--out", str(png), *c]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report_args = {"cmrin": ["--runs", "t"], "vlnms": ["--runs", "t", "--timing-images", "2"]}.get(name, [])
+    report_args = {"cmrin": ["--runs", "t"], "vlnms": ["--runs", "t", "--timing-images", "2"],
+                   "lts": ["--runs", "t", "--splits", "val"]}.get(name, [])
     rep = run_json(capsys, "report", name, *report_args, "--out", str(tmp_path / "r.md"), *c)
     assert (tmp_path / "r.md").is_file() and rep

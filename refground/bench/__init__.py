@@ -44,6 +44,7 @@ BENCH_MODULES = (
     "refground.bench.vlnms_bench",
     "refground.bench.stages_bench",
     "refground.bench.eval_bench",
+    "refground.bench.lts_bench",
 )
 
 

@@ -8,7 +8,14 @@ that kind of prediction; then every query of the split that lacks one counts as 
   (``precision@1``), PointIt (``pointit``) and the mean IoU of the top-1 box (``mean_iou``).
 * ``segmentation`` (expression queries with ``mask``): ``overall_iou``, ``mean_iou``, ``prec@0.5`` ...
   ``prec@0.9``. A missing mask is scored as an empty mask (I = 0, U = |gt|). Queries whose referent has
-  no ground-truth mask cannot be scored: they are left out and counted in ``no_gt_mask``.
+  no ground-truth mask cannot be scored: they are left out and counted in ``no_gt_mask``. When the file
+  also holds localisation points (``point``), the section adds ``loc_acc``: the share of these scorable
+  queries whose point lies on a foreground pixel of the referent's ground-truth mask
+  (:func:`~refground.eval.metrics.point_in_mask`: the pixel under the point, clamped to the image); a
+  missing point is a miss. (``scored``/``missing`` there count masks.)
+* ``localisation`` (expression queries with ``point``, only when no segmentation section is computed:
+  the file has no masks, or ``sections`` leaves segmentation out): ``loc_acc`` as above, over the same
+  queries (``no_gt_mask`` left out), with ``scored``/``missing`` counting points.
 * ``proposals`` (expression queries with ranked ``boxes``): ``recall@N`` of the referents and, separately,
   ``context_recall@N`` of the context objects (the distinct objects of the query's ``"context"``
   mentions). A query without a ranked list is scored with ``[box]`` if it has a box, else with none.
@@ -40,14 +47,14 @@ from refground.data.model import KIND_ORDER, ROLES, TASKS, Dataset, Query, check
 from refground.errors import DataError, UsageError
 from refground.eval.metrics import (
     IOU_THRESHOLD, MASK_THRESHOLDS, MULTI_BOX, POINT_IN, RECALL_NS, box_accuracy_hits, first_hit_ranks,
-    mask_intersection_union, mask_stats_from_counts, matched_box_iou, phrase_hits, pointit_hits,
-    recall_from_ranks,
+    mask_intersection_union, mask_stats_from_counts, matched_box_iou, phrase_hits, point_in_mask,
+    pointit_hits, recall_from_ranks,
 )
 from refground.structures import RaggedBoxes, group_rows, offsets_of
-from refground.tables import TableData
+from refground.tables import PERCENT, TableData
 from refground.eval.predictions import PhrasePrediction, Predictions, QueryPrediction, read_predictions
 
-SECTIONS = ("comprehension", "segmentation", "proposals", "phrase_grounding")
+SECTIONS = ("comprehension", "segmentation", "localisation", "proposals", "phrase_grounding")
 
 Figures = dict[str, Any]
 
@@ -82,6 +89,7 @@ class EvalResult:
         layouts: list[tuple[str, str, list[str] | None]] = [
             ("comprehension", "comprehension", None),
             ("segmentation", "segmentation", None),
+            ("localisation", "localisation", None),
             ("proposal recall: referents", "proposals",
              ["queries", "scored", "missing", "referents"] + [f"recall@{n}" for n in self.options["ns"]]),
             ("proposal recall: context objects", "proposals",
@@ -95,7 +103,9 @@ class EvalResult:
                 continue
             keys = keys or list(by_kind["all"])
             rows = [[kind, *[("-" if figs[k] is None else figs[k]) for k in keys]] for kind, figs in by_kind.items()]
-            tables.append(TableData(f"{title}: {where}", ["kind", *keys], rows))
+            # loc_acc is a share, but its name says so to no column rule of refground.tables: state the kind.
+            kinds = [None, *[PERCENT if k == "loc_acc" else None for k in keys]] if "loc_acc" in keys else None
+            tables.append(TableData(f"{title}: {where}", ["kind", *keys], rows, kinds))
         return tables
 
 
@@ -289,8 +299,38 @@ def _comprehension(ex: _Expressions, preds: Predictions, gt: np.ndarray, gt_mask
     return _by_kind(ex.kinds, figures)
 
 
-def _segmentation(ex: _Expressions, preds: Predictions, gt_masks: list,
-                  thresholds: Sequence[float]) -> dict[str, Figures]:
+def _point_hits(ex: _Expressions, preds: Predictions, gt_masks: list) -> tuple[np.ndarray, np.ndarray]:
+    """``(have, hits)``, both ``bool[E]``: whether each query has a ``point``, and whether that point lies on
+    a foreground pixel of its referent's ground-truth mask (False without a point or a mask)."""
+    got = map(preds.queries.get, ex.ids)
+    points = [p.point if p is not None else None for p in got]
+    have = np.array([pt is not None for pt in points], dtype=bool)
+    hits = np.zeros(len(points), dtype=bool)
+    usable = np.array([m is not None for m in gt_masks], dtype=bool)
+    # One mask decode per referent object, with the points of all the queries that refer to it.
+    by_object: dict[int, list[int]] = {}
+    for k in np.flatnonzero(have & usable).tolist():
+        by_object.setdefault(int(ex.gt_rows[k]), []).append(k)
+    for ks in by_object.values():
+        hits[ks] = point_in_mask(np.array([points[k] for k in ks], dtype=np.float64), gt_masks[ks[0]])
+    return have, hits
+
+
+def _localisation(ex: _Expressions, gt_masks: list, have: np.ndarray, hits: np.ndarray) -> dict[str, Figures]:
+    """``loc_acc`` over the queries whose referent has a ground-truth mask (missing points are misses)."""
+    usable = np.array([m is not None for m in gt_masks], dtype=bool)
+
+    def figures(idx: np.ndarray) -> Figures:
+        use = idx[usable[idx]]
+        return {"queries": len(use), "scored": int(have[use].sum()), "missing": int((~have[use]).sum()),
+                "no_gt_mask": int((~usable[idx]).sum()), "loc_acc": _mean(hits[use])}
+
+    return _by_kind(ex.kinds, figures)
+
+
+def _segmentation(ex: _Expressions, preds: Predictions, gt_masks: list, thresholds: Sequence[float],
+                  loc_hits: np.ndarray | None = None) -> dict[str, Figures]:
+    """The segmentation figures; with ``loc_hits`` (``bool[E]`` of :func:`_point_hits`) also ``loc_acc``."""
     usable = np.array([m is not None for m in gt_masks], dtype=bool)
     have = np.array([q in preds.queries and preds.queries[q].mask is not None for q in ex.ids], dtype=bool)
     empty: dict[tuple[int, int], dict[str, Any]] = {}
@@ -313,8 +353,11 @@ def _segmentation(ex: _Expressions, preds: Predictions, gt_masks: list,
     def figures(idx: np.ndarray) -> Figures:
         use = idx[usable[idx]]
         stats = mask_stats_from_counts(inter[use], union[use], thresholds)
-        return {"queries": len(use), "scored": int(have[use].sum()), "missing": int((~have[use]).sum()),
-                "no_gt_mask": int((~usable[idx]).sum()), **{k: _f(v) for k, v in stats.items()}}
+        out = {"queries": len(use), "scored": int(have[use].sum()), "missing": int((~have[use]).sum()),
+               "no_gt_mask": int((~usable[idx]).sum()), **{k: _f(v) for k, v in stats.items()}}
+        if loc_hits is not None:
+            out["loc_acc"] = _mean(loc_hits[use])
+        return out
 
     return _by_kind(ex.kinds, figures)
 
@@ -421,14 +464,22 @@ def evaluate(
     do = {name for name, present in (("comprehension", preds.has_boxes), ("segmentation", preds.has_masks),
                                      ("proposals", preds.has_ranked), ("phrase_grounding", bool(preds.phrases)))
           if present and name in wanted}
-    need_masks = "segmentation" in do or ("comprehension" in do and point_in == "mask")
+    # Points are scored inside the segmentation section when there is one, else in a section of their own.
+    if preds.has_points and "segmentation" not in do and "localisation" in wanted:
+        do.add("localisation")
+    score_points = preds.has_points and ("segmentation" in do or "localisation" in do)
+    need_masks = ("segmentation" in do or "localisation" in do
+                  or ("comprehension" in do and point_in == "mask"))
     gt_masks = [index.object_mask(r) for r in ex.gt_rows.tolist()] if need_masks else None
+    loc_have, loc_hits = _point_hits(ex, preds, gt_masks) if score_points else (None, None)
 
     sections_out: dict[str, dict[str, Figures]] = {}
     if "comprehension" in do:
         sections_out["comprehension"] = _comprehension(ex, preds, gt, gt_masks, point_in, iou_threshold)
     if "segmentation" in do:
-        sections_out["segmentation"] = _segmentation(ex, preds, gt_masks, mask_thresholds)
+        sections_out["segmentation"] = _segmentation(ex, preds, gt_masks, mask_thresholds, loc_hits)
+    if "localisation" in do:
+        sections_out["localisation"] = _localisation(ex, gt_masks, loc_have, loc_hits)
     if "proposals" in do:
         sections_out["proposals"] = _proposals(ex, preds, gt, index, ns, iou_threshold)
     if "phrase_grounding" in do:

@@ -14,18 +14,24 @@ proposals), keyed by ``query_id``; any combination of::
                                                                  given, one per box and non-increasing
     {"query_id": 17, "mask": {"size": [h, w], "counts": "..."}}  a COCO RLE (compressed string counts or
                                                                  an uncompressed list), the image's size
+    {"query_id": 17, "point": [x, y]}                            a localisation point (e.g. the maximum of
+                                                                 a heatmap): two finite numbers, continuous
+                                                                 image pixels (pixel (r, c) spans
+                                                                 [c, c+1) x [r, r+1))
 
-The top-1 box is ``box`` if given, else ``boxes[0]``; proposal recall reads ``boxes`` (or ``[box]``).
+The top-1 box is ``box`` if given, else ``boxes[0]``; proposal recall reads ``boxes`` (or ``[box]``);
+localisation accuracy (``loc_acc``) reads ``point``.
 
 **Phrase lines** (:class:`PhrasePrediction`, for caption queries: phrase grounding), keyed by
 ``(query_id, mention)`` where ``mention`` indexes ``Query.mentions``; one line per phrase::
 
-    {"query_id": 17, "mention": 2, "box": [x1, y1, x2, y2]}      ("boxes"/"scores" as above also allowed)
+    {"query_id": 17, "mention": 2, "box": [x1, y1, x2, y2]}      ("boxes"/"scores" as above also allowed;
+                                                                 "mask" and "point" are not)
 
 Optional on every line: ``"image_id"`` (checked against the dataset). Any other field is an error (it
 catches typos such as ``"bbox"``). Two lines with the same key, an empty file, malformed JSON, a missing
-or non-integer ``query_id`` and bad boxes or masks are :class:`~refground.errors.DataError` one-liners
-naming the file and line; ids unknown to the dataset are reported the same way by
+or non-integer ``query_id`` and bad boxes, masks or points are :class:`~refground.errors.DataError`
+one-liners naming the file and line; ids unknown to the dataset are reported the same way by
 :func:`refground.eval.evaluate.evaluate`.
 """
 
@@ -48,7 +54,8 @@ from refground.atomic import atomic_file
 from refground.errors import DataError
 
 Box = tuple[float, float, float, float]
-FIELDS = ("query_id", "mention", "image_id", "box", "score", "boxes", "scores", "mask")
+Point = tuple[float, float]
+FIELDS = ("query_id", "mention", "image_id", "box", "score", "boxes", "scores", "mask", "point")
 _FIELD_SET = frozenset(FIELDS)
 # The exact types a decoded JSON number has; anything else (bool, numpy scalars, strings) takes the
 # per-value checks, which decide and word the error.
@@ -81,7 +88,8 @@ class _BoxChoice:
 
 @dataclass(frozen=True, slots=True)
 class QueryPrediction(_BoxChoice):
-    """A query line: top-1 ``box``, ranked ``boxes`` (+ ``scores``) and/or a ``mask`` (RLE dict).
+    """A query line: top-1 ``box``, ranked ``boxes`` (+ ``scores``), a ``mask`` (RLE dict) and/or a
+    localisation ``point`` ``(x, y)`` (continuous image pixels).
 
     ``line`` is the 1-based line (or item) number it came from; it does not take part in equality.
     """
@@ -94,6 +102,8 @@ class QueryPrediction(_BoxChoice):
     mask: dict[str, Any] | None = None
     image_id: int | None = None
     line: int = field(default=0, compare=False)
+    # Last, after line: callers that build lines positionally (qid, box, ..., image_id, line) keep working.
+    point: Point | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +172,11 @@ class Predictions:
     def has_masks(self) -> bool:
         return any(p.mask is not None for p in self.queries.values())
 
+    @property
+    def has_points(self) -> bool:
+        """Some query line has a localisation ``point``."""
+        return any(p.point is not None for p in self.queries.values())
+
     @classmethod
     def from_items(cls, items: Iterable[Prediction | dict[str, Any]], path: str = "<predictions>") -> "Predictions":
         """Build from dataclasses or line dicts (validated as :func:`read_predictions` would)."""
@@ -213,6 +228,17 @@ def _box(value: Any, where: str, what: str = "box") -> Box:
     if x2 < x1 or y2 < y1:
         raise DataError(f"{where}: {what} {json.dumps(value)} has x2 < x1 or y2 < y1 (expected xyxy)")
     return (x1, y1, x2, y2)
+
+
+def _point(value: Any, where: str) -> Point:
+    if type(value) is list and len(value) == 2:  # the common case: two plain finite numbers
+        flat = _floats(value)
+        if flat is not None:
+            return (flat[0], flat[1])
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_number(v) for v in value):
+        raise DataError(f"{where}: point must be 2 numbers [x, y], got {json.dumps(value)}")
+    # Two plain numbers that _floats refused: an int too large for a float, or a non-finite value.
+    raise DataError(f"{where}: point has a non-finite number: {json.dumps(value)}")
 
 
 def _number(value: Any, where: str, what: str) -> float:
@@ -336,14 +362,17 @@ def parse_line(obj: Any, where: str, line: int = 0) -> Prediction:
     if "mention" in obj:
         if "mask" in obj:
             raise DataError(f"{where}: phrase lines (with mention) take boxes, not masks")
+        if "point" in obj:
+            raise DataError(f"{where}: phrase lines (with mention) take boxes, not points")
         if box is None and boxes is None:
             raise DataError(f"{where}: phrase line without box or boxes")
         return PhrasePrediction(qid, _int(obj, "mention", where, minimum=0), box, score, boxes, scores,
                                 image_id, line)
     mask = _mask(obj["mask"], where) if "mask" in obj else None
-    if box is None and boxes is None and mask is None:
-        raise DataError(f"{where}: no box, boxes or mask for query {qid}")
-    return QueryPrediction(qid, box, score, boxes, scores, mask, image_id, line)
+    point = _point(obj["point"], where) if "point" in obj else None
+    if box is None and boxes is None and mask is None and point is None:
+        raise DataError(f"{where}: no box, boxes or mask for query {qid}")  # a point alone is a prediction too
+    return QueryPrediction(qid, box, score, boxes, scores, mask, image_id, line, point)
 
 
 def read_predictions(path: str | os.PathLike) -> Predictions:
@@ -372,12 +401,21 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
 
 
 # ---------------------------------------------------------------------------------------- writing
+def _floats_json(value: Any, n: int) -> list[float]:
+    """A box (n = 4) or point (n = 2) as a list of ``n`` Python floats."""
+    if type(value) is tuple and len(value) == n and set(map(type, value)) == {float}:
+        return list(value)  # a parsed box or point: already Python floats
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().tolist()
+    return [float(v) for v in np.asarray(value, dtype=np.float64).reshape(n)]
+
+
 def _box_json(box: Any) -> list[float]:
-    if type(box) is tuple and len(box) == 4 and set(map(type, box)) == {float}:
-        return list(box)  # a parsed box: already four Python floats
-    if isinstance(box, torch.Tensor):
-        box = box.detach().cpu().tolist()
-    return [float(v) for v in np.asarray(box, dtype=np.float64).reshape(4)]
+    return _floats_json(box, 4)
+
+
+def _point_json(point: Any) -> list[float]:
+    return _floats_json(point, 2)
 
 
 def _boxes_json(boxes: Any) -> list[list[float]]:
@@ -404,10 +442,13 @@ def to_json(pred: Prediction) -> dict[str, Any]:
         scores = pred.scores
         out["scores"] = (list(scores) if type(scores) is tuple and set(map(type, scores)) <= {float}
                          else [float(s) for s in scores])
-    if isinstance(pred, QueryPrediction) and pred.mask is not None:
-        counts = pred.mask["counts"]
-        out["mask"] = {"size": [int(v) for v in pred.mask["size"]],
-                       "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    if isinstance(pred, QueryPrediction):
+        if pred.mask is not None:
+            counts = pred.mask["counts"]
+            out["mask"] = {"size": [int(v) for v in pred.mask["size"]],
+                           "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+        if pred.point is not None:
+            out["point"] = _point_json(pred.point)
     return out
 
 

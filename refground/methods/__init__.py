@@ -36,7 +36,7 @@ from typing import Any
 from refground.errors import UsageError
 
 TASKS = ("comprehension", "phrase grounding", "segmentation", "proposals")
-BUILTIN = ("cmrin", "vlnms")  # packages under refground/methods/, loaded on first use of the registry
+BUILTIN = ("cmrin", "vlnms", "lts")  # packages under refground/methods/, loaded on first use of the registry
 
 
 @dataclass(frozen=True)
