@@ -66,10 +66,11 @@ def open_dense(path: str | Path):
         raise ArtifactError(f"{path}: unreadable zarr store ({exc}); re-run `refground extract --dense`") from None
 
 
-def dense_batch(group, stride: int, image_rows: np.ndarray) -> np.ndarray:
-    """float32[B, C, h, w] maps of ``image_rows`` at ``stride``."""
+def dense_batch(group, stride: int, image_rows: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """``dtype``[B, C, h, w] maps of ``image_rows`` at ``stride`` (float32 by default; ``np.float16`` keeps the
+    stored bytes): one contiguous slice when the rows are consecutive, else one orthogonal selection."""
     arr = group[f"s{stride}"]
     rows = np.asarray(image_rows, dtype=np.int64)
     if len(rows) and np.all(np.diff(rows) == 1):
-        return np.asarray(arr[int(rows[0]):int(rows[-1]) + 1], dtype=np.float32)
-    return np.asarray(arr.get_orthogonal_selection((rows,)), dtype=np.float32)
+        return np.asarray(arr[int(rows[0]):int(rows[-1]) + 1], dtype=dtype)
+    return np.asarray(arr.get_orthogonal_selection((rows,)), dtype=dtype)

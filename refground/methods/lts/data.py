@@ -64,14 +64,11 @@ class DenseMaps:
     def read(self, zarr_rows: np.ndarray) -> dict[int, np.ndarray]:
         """{stride: float16[N, C, h, w]} of sorted distinct ``zarr_rows`` (a contiguous slice when they are
         consecutive, else one orthogonal selection per level)."""
-        rows = np.asarray(zarr_rows, dtype=np.int64)
-        return {s: np.asarray(self.group[f"s{s}"][int(rows[0]):int(rows[-1]) + 1])
-                if len(rows) and np.all(np.diff(rows) == 1) else
-                np.asarray(self.group[f"s{s}"].get_orthogonal_selection((rows,))) for s in STRIDES}
+        return {s: dense_batch(self.group, s, zarr_rows, np.float16) for s in STRIDES}
 
     def read_one(self, zarr_row: int) -> dict[int, np.ndarray]:
         """The slow way (the benchmark's baseline): one image, one read per level."""
-        return {s: np.asarray(dense_batch(self.group, s, np.array([zarr_row])), dtype=np.float16) for s in STRIDES}
+        return self.read(np.array([zarr_row]))
 
 
 @dataclass

@@ -134,9 +134,7 @@ class SplitData:
 
     def in_window(self, w: int) -> np.ndarray:
         """Indices of the queries whose image is in window ``w``, in query order."""
-        rows = self.windows[w]
-        return np.flatnonzero((self.zrows >= rows[0]) & (self.zrows <= rows[-1]) &
-                              np.isin(self.zrows, rows))
+        return np.flatnonzero(np.isin(self.zrows, self.windows[w]))
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> list[Batch]:
         """Batches window by window: with ``rng`` the windows in random order and the queries of each window
