@@ -32,10 +32,12 @@ def extract(
                                           "(transformers AutoBackbone; RoIAlign over its map). Default: the "
                                           "detector's own.")] = "",
     clip: ClipOpt = "",
-    max_proposals: Annotated[int, typer.Option("--max-proposals", help="Proposals kept per image (after NMS, "
-                                               "best first).")] = 100,
-    dense: Annotated[bool, typer.Option("--dense/--no-dense", help="Also write dense maps at strides 8/16/32 "
-                                        "to dense/<name>.zarr.")] = True,
+    max_proposals: Annotated[Optional[int], typer.Option("--max-proposals", help="Proposals kept per image "
+                                                         "(after NMS, best first). Default: 100, or 50 with "
+                                                         "--first-stage.", show_default=False)] = None,
+    dense: Annotated[Optional[bool], typer.Option("--dense/--no-dense", help="Also write dense maps at strides "
+                                                  "8/16/32 to dense/<name>.zarr. Default: on, off with "
+                                                  "--first-stage.", show_default=False)] = None,
     dense_size: Annotated[int, typer.Option("--dense-size", help="Side the image is resized to for dense maps "
                                             "(0: the dataset's own square size, else 512).")] = 0,
     name: Annotated[str, typer.Option("--features", help="Features artifact written: features/<name>.h5, the name every reader's --features takes (default: from the detector, e.g. "
@@ -53,6 +55,14 @@ def extract(
     detection_threshold: Annotated[float, typer.Option("--detection-threshold", help="With --detections: the "
                                                        "confidence a pre-NMS box needs to be stored, in (0, 1) "
                                                        "(VL-NMS's delta).")] = 0.05,
+    first_stage: Annotated[bool, typer.Option("--first-stage", help="Write the proposals from the built-in "
+                                              "detector's first stage instead of its final detections: its "
+                                              "boxes after the proposal NMS, unrefined, best first by "
+                                              "objectness (the scores), with the region head's categories and "
+                                              "features of exactly these boxes (ReIR's RPN proposals), to "
+                                              "features/<detector name>-rpn.h5 (e.g. detector-default-rpn). "
+                                              "Writes only that artifact (no dense maps, CLIP or "
+                                              "--detections).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes that fill the chunks side by side, "
                                                    "one thread each by default (default: min(2, CPUs); fewer when "
                                                    "there are under 4 chunks each); the bytes do not depend on it.",
@@ -71,6 +81,7 @@ def extract(
     feature each and the same features for every ground-truth object (features/<name>.h5), dense maps
     (dense/<name>.zarr), and with --clip CLIP embeddings of images, crops, queries and category names.
     With --detections the features artifact also holds the detector's pre-NMS boxes (VL-NMS's set B).
+    With --first-stage the proposals are the built-in detector's first-stage boxes (features/<name>-rpn.h5).
     Resumes after an interruption; skips artifacts that are complete and current (--force redoes them; with
     --shard K/N only the K-th block, so every shard of a forced job runs with --force, and the last one, or
     `extract merge`, replaces the artifact)."""
@@ -85,7 +96,7 @@ def extract(
                           max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
                           batch_size=batch_size, chunk_size=chunk_size, shard=shard, force=force, seed=seed,
                           detections=detection_threshold if detections else None, threads=threads,
-                          workers=workers if workers is not None else default_workers())
+                          workers=workers if workers is not None else default_workers(), first_stage=first_stage)
     if res.get("cache_hit"):
         info("all artifacts complete and current: cache hit (use --force to recompute)")
     rows = [(kind, a["status"], a["path"]) for kind, a in res["artifacts"].items()]

@@ -209,3 +209,26 @@ def unit_kind(unit: str) -> str:
 __all__ = ["AUTO", "BYTES", "BY_ROW", "COUNT", "EVAL_SPLITS", "FLOAT", "FormattedTable", "KINDS", "MS",
            "NUMERIC_KINDS", "PERCENT", "RATIO", "SECONDS", "TEXT", "TableData", "column_kind", "column_unit",
            "format_table", "format_value", "header_text", "pct", "table_kinds", "unit_kind"]
+
+
+def markdown_table(t: TableData) -> list[str]:
+    """The lines of ``t`` as a markdown table (no title: the caller's heading names it; every percent header says
+    "(%)"), cells formatted like the console's."""
+    f = format_table(t._replace(title=""))
+    head = [h + (f" ({u})" if u else "") for h, u in zip(f.headers, f.units)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if r else "---" for r in f.right) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in f.rows]
+    return lines
+
+
+def split_list(splits: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The split names of a comma-separated ``--splits`` value (or a sequence), each checked; none is a
+    one-line UsageError."""
+    from refground.data.model import check_split_name
+    from refground.errors import UsageError
+
+    names = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else [str(s).strip() for s in splits]
+    names = list(dict.fromkeys(s for s in names if s))
+    if not names:
+        raise UsageError("--splits: no split given (e.g. val,testA,testB)")
+    return tuple(check_split_name(s) for s in names)

@@ -21,6 +21,14 @@ comparison keeps the object with the extreme visible mask area, by a ratio of at
 object Y of the clause's phrase has "X rel Y": box centres, y axis down, left: cx_X < cx_Y and
 |dx| > |dy|, and so on, and centre distance at most half the image diagonal. A caption's plural phrase
 "two blue stars" denotes its objects only when exactly that many match.
+
+Caption phrase kinds: a singular phrase denotes one object by itself; a plural phrase its counted
+objects; a needs-relation phrase's base set holds two or more objects, and its relation to the next phrase
+(which denotes one object) keeps exactly one. The generator asserts such a relation only with a clear
+margin (the major offset at least 1.3 times the minor one and at least 4% of the image width (left/right)
+or height (above/below), centres at most 0.45 diagonals apart) and only where no other object of the base
+set is even roughly in that relation (major offset at least 0.75 times the minor one, centres at most 0.56
+diagonals apart): :func:`relation_clear`, :func:`relation_rough`.
 """
 
 from __future__ import annotations
@@ -249,6 +257,36 @@ def relation_holds(view: View, rel: str, x: Obj, y: Obj) -> bool:
     if rel == "below":
         return dy > 0 and abs(dy) > abs(dx)
     raise ValueError(rel)
+
+
+CLEAR_DOMINANCE, CLEAR_DIST, CLEAR_MIN_OFFSET = 1.3, 0.45, 0.04
+ROUGH_DOMINANCE, ROUGH_DIST = 0.75, 0.56
+
+
+def _offsets(view: View, rel: str, x: Obj, y: Obj) -> tuple[float, float, float, bool]:
+    """(major offset, minor offset, image extent along the major axis, sign right) of "x rel y"."""
+    dx, dy = x.cx - y.cx, x.cy - y.cy
+    if rel in ("left", "right"):
+        return abs(dx), abs(dy), view.width, (dx < 0 if rel == "left" else dx > 0)
+    if rel in ("above", "below"):
+        return abs(dy), abs(dx), view.height, (dy < 0 if rel == "above" else dy > 0)
+    raise ValueError(rel)
+
+
+def relation_clear(view: View, rel: str, x: Obj, y: Obj) -> bool:
+    """"x rel y" holds with the generator's clear margin."""
+    major, minor, extent, sign = _offsets(view, rel, x, y)
+    dist = math.hypot(x.cx - y.cx, x.cy - y.cy)
+    return (x.id != y.id and sign and major >= CLEAR_DOMINANCE * minor and major > minor
+            and major >= CLEAR_MIN_OFFSET * extent and dist <= CLEAR_DIST * math.hypot(view.width, view.height))
+
+
+def relation_rough(view: View, rel: str, x: Obj, y: Obj) -> bool:
+    """"x rel y" holds even roughly (what the generator avoids for a phrase's other candidates)."""
+    major, minor, _, sign = _offsets(view, rel, x, y)
+    dist = math.hypot(x.cx - y.cx, x.cy - y.cy)
+    return (x.id != y.id and sign and major >= ROUGH_DOMINANCE * minor
+            and dist <= ROUGH_DIST * math.hypot(view.width, view.height))
 
 
 def _extreme(cands: list[Obj], key, margin: float, lowest: bool) -> list[Obj]:

@@ -235,7 +235,11 @@ def test_captions(sample):
         assert [(m.start, m.end) for m in q.mentions] == [(p.start, p.end) for p in phrases]
         assert all(m.role == "referent" for m in q.mentions)
         linked = [set(m.object_ids) for m in q.mentions]
-        for m, p, ids in zip(q.mentions, phrases, linked):
+        link_of = {s: (rel, words, o) for s, rel, words, o in links}
+        for k, (m, p, ids) in enumerate(zip(q.mentions, phrases, linked)):
+            if m.kind == "needs-relation":  # its head alone is ambiguous: it denotes its object with its relation
+                rel, words, o = link_of[k]
+                p = oracle.Phrase(p.start, p.end, p.noun, p.colour, p.size, clause=(rel, words, phrases[o]))
             assert oracle.evaluate_phrase(v, p) == ids and m.type == p.noun, (q.text, p)
             assert all(sample.object(i).image_id == q.image_id for i in ids)
         assert all(not (a & b) for k, a in enumerate(linked) for b in linked[k + 1:])

@@ -45,6 +45,7 @@ BENCH_MODULES = (
     "refground.bench.stages_bench",
     "refground.bench.eval_bench",
     "refground.bench.lts_bench",
+    "refground.bench.reir_bench",
 )
 
 

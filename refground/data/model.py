@@ -34,7 +34,11 @@ TASKS = ("expression", "caption")
 # Query.kind values of the synthetic world, in the order tables list them (real data leaves kind "").
 EXPRESSION_KINDS = ("category", "attribute", "location", "size", "relation1", "relation2")
 RELATION_KINDS = ("relation1", "relation2")
-KIND_ORDER = EXPRESSION_KINDS + ("caption",)
+# Mention.kind values of the synthetic world's caption phrases: "singular" names one object that its head
+# words alone single out, "plural" counts several ("two blue stars"), "needs-relation" is singular but its
+# head matches several objects and only its relation to the next (unique) phrase singles one out.
+PHRASE_KINDS = ("singular", "plural", "needs-relation")
+KIND_ORDER = EXPRESSION_KINDS + ("caption",) + PHRASE_KINDS
 ROLES = ("referent", "context")
 
 # Split names as the refer API understands them. A query's stored split may be a compound such as
@@ -96,7 +100,8 @@ class Mention:
 
     ``object_ids`` is empty for a phrase without a box (kept out of evaluation). ``entity`` is the
     Flickr30K entity chain id where one exists; ``type`` its coarse type (``"people"``, ``"notvisual"``,
-    or the category head word for synthetic data).
+    or the category head word for synthetic data). ``kind`` is the synthetic caption phrase kind (one of
+    :data:`PHRASE_KINDS`), ``""`` elsewhere (expressions' mentions: their kind is the query's; real data).
     """
 
     start: int
@@ -105,6 +110,7 @@ class Mention:
     object_ids: tuple[int, ...]
     type: str = ""
     entity: str = ""
+    kind: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +185,8 @@ class Dataset:
       ``query_texts``, ``query_raws``, ``query_kinds``, ``query_splits`` (lists of str),
       ``query_groups`` int64[Q], ``query_mention_offsets`` / ``query_relation_offsets`` int64[Q+1]
     * mentions: ``mention_starts``/``mention_ends`` int32[K], ``mention_roles`` int8[K] (index into ROLES),
-      ``mention_types``, ``mention_entities`` (lists of str), ``mention_object_offsets`` int64[K+1],
+      ``mention_types``, ``mention_entities``, ``mention_kinds`` (lists of str),
+      ``mention_object_offsets`` int64[K+1],
       ``mention_object_ids`` int64[...]
     * relations: ``relation_subjects``/``relation_objects`` int32[R], ``relation_predicates`` list[str]
 
@@ -262,6 +269,7 @@ class Dataset:
             mention_roles=np.array([ROLES.index(m.role) for m in mentions], dtype=np.int8),
             mention_types=[m.type for m in mentions],
             mention_entities=[m.entity for m in mentions],
+            mention_kinds=[m.kind for m in mentions],
             mention_object_offsets=_offsets([len(m.object_ids) for m in mentions]),
             mention_object_ids=np.array([i for m in mentions for i in m.object_ids], dtype=np.int64),
             relation_subjects=np.array([r.subject for r in relations], dtype=np.int32),
@@ -287,7 +295,7 @@ class Dataset:
         "object_attributes", "query_ids", "query_image_ids", "query_tasks", "query_texts", "query_raws",
         "query_kinds", "query_splits", "query_groups", "query_mention_offsets", "query_relation_offsets",
         "mention_starts", "mention_ends", "mention_roles", "mention_types", "mention_entities",
-        "mention_object_offsets", "mention_object_ids", "relation_subjects", "relation_objects",
+        "mention_kinds", "mention_object_offsets", "mention_object_ids", "relation_subjects", "relation_objects",
         "relation_predicates",
     )
 
@@ -362,7 +370,7 @@ class Dataset:
             mentions.append(Mention(int(self.mention_starts[j]), int(self.mention_ends[j]),
                                     ROLES[int(self.mention_roles[j])],
                                     tuple(int(v) for v in self.mention_object_ids[o0:o1]),
-                                    self.mention_types[j], self.mention_entities[j]))
+                                    self.mention_types[j], self.mention_entities[j], self.mention_kinds[j]))
         r0, r1 = int(self.query_relation_offsets[k]), int(self.query_relation_offsets[k + 1])
         relations = tuple(Relation(int(self.relation_subjects[j]), self.relation_predicates[j],
                                    int(self.relation_objects[j])) for j in range(r0, r1))

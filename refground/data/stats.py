@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from refground.data.model import BASE_SPLITS, KIND_ORDER, RELATION_KINDS, TASKS, Dataset
+from refground.data.model import BASE_SPLITS, KIND_ORDER, PHRASE_KINDS, RELATION_KINDS, TASKS, Dataset
 
 
 def _summary(values: np.ndarray) -> dict[str, float]:
@@ -21,7 +21,10 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
 
     ``splits``: per stored query split, images / expressions / captions; ``kinds``: per expression kind,
     count and share of all expressions (plus captions); ``objects_per_image``, ``expression_length``
-    (tokens; overall and per kind), ``categories`` (object counts).
+    (tokens; overall and per kind), ``categories`` (object counts); ``caption_phrases``: the mentions of
+    captions, and ``caption_phrase_kinds``: per phrase kind (``Mention.kind``: singular, plural,
+    needs-relation in the synthetic world), count and share of the caption phrases (empty where no phrase
+    has a kind, as in real data).
     """
     tasks = ds.query_tasks
     expr = tasks == TASKS.index("expression")
@@ -50,6 +53,12 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
                                              "length": _summary(n_tokens[sel])}
     relation_share = sum(kind_counts.get(k, 0) for k in RELATION_KINDS) / n_expr if n_expr else 0.0
     per_image = np.diff(ds.image_object_offsets)
+    caption_mention = np.repeat(~expr, np.diff(ds.query_mention_offsets))
+    n_phrases = int(caption_mention.sum())
+    phrase_counts = Counter(k for k, c in zip(ds.mention_kinds, caption_mention.tolist()) if c and k)
+    phrase_order = {k: i for i, k in enumerate(PHRASE_KINDS)}
+    phrase_kinds = {k: {"count": int(v), "share": round(v / n_phrases, 4)}
+                    for k, v in sorted(phrase_counts.items(), key=lambda kv: (phrase_order.get(kv[0], 99), kv[0]))}
     categories = Counter(ds.categories[i] for i in ds.object_categories.tolist())
     return {
         "dataset": ds.name,
@@ -64,5 +73,7 @@ def dataset_stats(ds: Dataset) -> dict[str, Any]:
         "objects_per_image": _summary(per_image),
         "expression_length": _summary(n_tokens[expr]),
         "caption_length": _summary(n_tokens[~expr]),
+        "caption_phrases": n_phrases,
+        "caption_phrase_kinds": phrase_kinds,
         "categories": dict(sorted(categories.items())),
     }

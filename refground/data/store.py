@@ -7,6 +7,7 @@ Layout::
       annotations/meta.json    name, categories, meta (deterministic)
       annotations/<column>.npy numeric columns (np.save: deterministic bytes, memory-mappable)
       annotations/<column>.json string columns (JSON list of str)
+                               (``mention_kinds`` may be absent: older datasets; loads as "" per mention)
       images/                  rendered images (synthetic datasets only)
 
 The annotation files are byte-identical for identical content (no timestamps inside); only
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,13 @@ from refground.errors import ArtifactError, DataError, UsageError, check_parent_
 
 FORMAT = "refground-dataset"
 FORMAT_VERSION = 1
+
+
+# Columns added after FORMAT_VERSION 1 was fixed: a dataset written before them (an old cache, an import made by
+# an older version) loads with their default, computed from the columns read before them.
+_ADDED_COLUMNS: dict[str, Callable[[dict[str, Any]], Any]] = {
+    "mention_kinds": lambda columns: [""] * len(columns["mention_starts"]),
+}
 
 
 def cache_root(cache: str | os.PathLike | None = None) -> Path:
@@ -171,6 +179,8 @@ def load_dataset(directory: Path) -> Dataset:
                 columns[key] = np.load(npy, allow_pickle=False)
             elif js.is_file():
                 columns[key] = json.loads(js.read_text())
+            elif key in _ADDED_COLUMNS:
+                columns[key] = _ADDED_COLUMNS[key](columns)
             else:
                 raise DataError(f"{ann}: missing column file {key}.npy/.json; "
                                 f"run `{dataset_remedy(directory, manifest)}`")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refground.data.model import TASKS, Dataset
+from refground.data.model import PHRASE_KINDS, TASKS, Dataset
 from refground.errors import DataError
 
 
@@ -45,7 +45,8 @@ def box_problem(box: np.ndarray, width: float, height: float) -> str:
 def validate_dataset(ds: Dataset, source: str = "") -> None:
     """Raise :class:`DataError` on the first problem: boxes outside the image or of zero area, empty
     queries, mention spans outside the tokens, mentions linked to objects of another image, relation
-    indices outside the query's mentions, expressions without exactly one referent object."""
+    indices outside the query's mentions, expressions without exactly one referent object, phrase kinds
+    other than "" and :data:`~refground.data.model.PHRASE_KINDS`, and phrase kinds on expressions' mentions."""
     where = source or f"dataset {ds.name}"
     # Boxes: inside the image (continuous coordinates, so x2 <= width), finite, of positive area.
     if ds.num_objects:
@@ -88,6 +89,21 @@ def validate_dataset(ds: Dataset, source: str = "") -> None:
     for q, img in enumerate(ds.query_image_ids.tolist()):
         if img not in ds._image_pos:
             raise DataError(f"{where}: query {int(ds.query_ids[q])} refers to unknown image {img}")
+    # Mention kinds: one per mention, a known phrase kind, on captions only (an expression's kind is its query's).
+    if len(ds.mention_kinds) != len(q_of_mention):
+        raise DataError(f"{where}: {len(ds.mention_kinds)} mention kinds for {len(q_of_mention)} mentions")
+    kinded = np.array([k != "" for k in ds.mention_kinds], dtype=bool)
+    if kinded.any():
+        unknown = [j for j in np.flatnonzero(kinded).tolist() if ds.mention_kinds[j] not in PHRASE_KINDS]
+        if unknown:
+            q = int(q_of_mention[unknown[0]])
+            raise DataError(f"{where}: query {int(ds.query_ids[q])} has a mention of unknown kind "
+                            f"{ds.mention_kinds[unknown[0]]!r}; expected one of: {', '.join(PHRASE_KINDS)}")
+        on_expr = kinded & (ds.query_tasks[q_of_mention] == TASKS.index("expression"))
+        if on_expr.any():
+            q = int(q_of_mention[int(np.flatnonzero(on_expr)[0])])
+            raise DataError(f"{where}: expression {int(ds.query_ids[q])} has a mention with a phrase kind; "
+                            "phrase kinds are for captions")
     # Relations: indices inside the query's mentions.
     n_rel = np.diff(ds.query_relation_offsets)
     if n_rel.sum():

@@ -22,6 +22,8 @@ that kind of prediction; then every query of the split that lacks one counts as 
 * ``phrase_grounding`` (caption queries, one phrase line per mention): ``accuracy`` (``multi_box``) and
   ``pointit``. Every mention of a caption that links at least one object is a phrase to ground (whatever
   its role); mentions without objects are excluded and counted in ``counts["phrases_without_boxes"]``.
+  Its rows are per phrase kind (``Mention.kind``: ``singular``, ``plural``, ``needs-relation`` in the
+  synthetic world) where the mention has one, else per ``Query.kind``.
 
 Missing predictions count as misses (IoU 0, no hit, nothing covered) and are reported as ``missing`` next
 to ``scored`` in every row. Each section has an ``"all"`` row and one row per ``Query.kind`` present
@@ -396,7 +398,7 @@ def _phrases(caps: list[Query], preds: Predictions, index: _Index, multi_box: st
                 continue
             rows = [index.object[o] for o in m.object_ids]
             p = preds.phrases.get((q.id, m_idx))
-            kinds.append(q.kind)
+            kinds.append(m.kind or q.kind)  # the phrase's kind where it has one (synthetic captions)
             tops.append(p.top_box if p is not None else None)
             gt_lists.append(ds.object_boxes[rows].reshape(-1, 4))
             mask_lists.append([index.object_mask(r) for r in rows])

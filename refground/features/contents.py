@@ -36,7 +36,9 @@ class FeaturesContents:
     """What a features artifact holds (from its keys) and the sources it was made with (from its manifest).
 
     ``proposals``: proposal boxes over all images (one element read: the last offset); ``detector`` and
-    ``backbone``: the ``--detector`` / ``--backbone`` specs recorded in the manifest ('' when not given)."""
+    ``backbone``: the ``--detector`` / ``--backbone`` specs recorded in the manifest ('' when not given);
+    ``stage``: where the proposals come from, ``"final"`` (the detector's detections) or ``"first"``
+    (``refground extract --first-stage``: the built-in detector's first-stage boxes)."""
 
     path: Path
     object_features: bool
@@ -45,6 +47,7 @@ class FeaturesContents:
     detections: bool
     detector: str
     backbone: str
+    stage: str = "final"
 
     def has(self, need: str) -> bool:
         if need == "proposals":
@@ -72,7 +75,8 @@ def features_contents(path: str | Path, remedy: str = "") -> FeaturesContents:
                 proposals = int(f["proposals"]["offsets"][-1])
             return FeaturesContents(path, has("objects", "features"), proposals, has("proposals", "features"),
                                     "detections" in f, str(params.get("detector", "") or ""),
-                                    str(params.get("backbone", "") or ""))
+                                    str(params.get("backbone", "") or ""),
+                                    str(params.get("proposal_stage", "final") or "final"))
     except OSError as exc:
         raise ArtifactError(f"{path}: unreadable ({exc}); run `{extract_command(path)}`") from None
 
@@ -173,11 +177,15 @@ def extract_command(features_file: str | Path, *, detector: str | None = None, b
         parts.append(f"--backbone {p['backbone']}")
     if p.get("detections") is not None:
         parts.append("--detections" + (f" --detection-threshold {p['detections']}" if p["detections"] != 0.05 else ""))
-    if p.get("max_proposals", 100) != 100:
+    first = p.get("proposal_stage") == "first"
+    if first:
+        parts.append("--first-stage")
+    # extract's default: 100 proposals, 50 with --first-stage (refground.features.pipeline).
+    if p.get("max_proposals", 100) != (50 if first else 100):
         parts.append(f"--max-proposals {p['max_proposals']}")
     if changed or path.stem != DEFAULT_NAME:
         parts.append(f"--features {path.stem}")
-    if not (path.parent.parent / "dense" / f"{path.stem}.zarr").exists():
+    if not first and not (path.parent.parent / "dense" / f"{path.stem}.zarr").exists():
         parts.append("--no-dense")  # it was made without dense maps: do not add hours of them
     return " ".join(parts + (["--force"] if force else []))
 

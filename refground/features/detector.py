@@ -9,7 +9,9 @@ Visual Genome, a category classifier (categories + background), attribute classi
 size), and class-agnostic box refinement. The confidence of a region is its largest non-background class
 probability. Refined boxes go through a second, class-agnostic NMS; the kept boxes are pooled again so that
 a proposal's features and class scores belong to exactly the box returned (``region_features`` of the same
-boxes gives the same vectors).
+boxes gives the same vectors). :meth:`BuiltinDetector.propose_first_stage` gives the first stage's boxes
+instead (after the proposal NMS, unrefined, by objectness: the RPN proposals ReIR uses), classified and
+pooled the same way.
 
 Images of any size are resized (aspect kept) so that the longer side is ``input_size`` and padded to a
 square; boxes are mapped back to the pixels of the original image. All box math is
@@ -347,6 +349,35 @@ class DetectorModel(nn.Module):
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
+    def first_stage(self, p: Tensor, sizes: list[tuple[int, int]], max_keep: int | None = None
+                    ) -> list[tuple[Tensor, Tensor]]:
+        """Stage one on a batch's stride-8 map p Tensor[B, C, H, W]: the RoIs that :meth:`detect` gives the
+        region head.
+
+        Per image, the dense boxes clipped to the image's content ``sizes[b]`` (h, w), the best
+        ``pre_nms_top_n`` by objectness, boxes under ``min_box_size`` removed, then the proposal NMS
+        (``proposal_nms``) keeping at most ``post_nms_top_n`` (and at most ``max_keep``, i.e. the first
+        ``max_keep`` of them). Returns per image ``(boxes Tensor[R, 4] xyxy input pixels, objectness
+        Tensor[R])``, ordered by decreasing objectness (ties: the NMS's stable order).
+        """
+        c = self.config
+        limit = c.post_nms_top_n if max_keep is None else min(c.post_nms_top_n, max(0, int(max_keep)))
+        logits, boxes = self.dense(p)
+        scores = logits.sigmoid()
+        out = []
+        for b in range(p.shape[0]):
+            bx = clip_boxes_to_image(boxes[b], sizes[b])
+            k = min(c.pre_nms_top_n, bx.shape[0])
+            top = scores[b].topk(k).indices
+            bx, sc = bx[top], scores[b][top]
+            ok = remove_small_boxes(bx, c.min_box_size)
+            bx, sc = bx[ok], sc[ok]
+            # nms(max_keep=k) is exactly nms(...)[:k]: a smaller limit takes the first RoIs of detect's.
+            keep = nms(bx, sc, c.proposal_nms, max_keep=limit) if limit > 0 else torch.zeros(0, dtype=torch.int64)
+            out.append((bx[keep], sc[keep]))
+        return out
+
+    @torch.no_grad()
     def detect(self, p: Tensor, sizes: list[tuple[int, int]], max_proposals: int,
                detection_threshold: float | None = None) -> list[dict[str, Tensor]]:
         """Two-stage inference on a batch's stride-8 map p Tensor[B, C, H, W].
@@ -364,19 +395,10 @@ class DetectorModel(nn.Module):
         LongTensor[P] and ``"det_scores"`` Tensor[P] (first-pass confidences of B, non-increasing).
         """
         c = self.config
-        logits, boxes = self.dense(p)
-        scores = logits.sigmoid()
         rois, per_image = [], []
-        for b in range(p.shape[0]):
-            bx = clip_boxes_to_image(boxes[b], sizes[b])
-            k = min(c.pre_nms_top_n, bx.shape[0])
-            top = scores[b].topk(k).indices
-            bx, sc = bx[top], scores[b][top]
-            ok = remove_small_boxes(bx, c.min_box_size)
-            bx, sc = bx[ok], sc[ok]
-            keep = nms(bx, sc, c.proposal_nms, max_keep=c.post_nms_top_n)
-            rois.append(torch.cat([torch.full((len(keep), 1), float(b)), bx[keep]], dim=1))
-            per_image.append(len(keep))
+        for b, (bx, _) in enumerate(self.first_stage(p, sizes)):
+            rois.append(torch.cat([torch.full((bx.shape[0], 1), float(b)), bx], dim=1))
+            per_image.append(bx.shape[0])
         rois_t = torch.cat(rois) if rois else torch.zeros((0, 5))
         out = self.region(p, rois_t)
         prob = out["cls"].softmax(dim=1)
@@ -555,6 +577,14 @@ class BuiltinDetector:
                          features=feat[order].contiguous(),
                          nms_scores=None if first is None else first[order].contiguous())
 
+    @staticmethod
+    def _first_stage(bx: Tensor, cs: Tensor, feat: Tensor, objectness: Tensor) -> Proposals:
+        """Proposals of first-stage boxes with their pooled class scores and features, kept in the first
+        stage's order (``scores`` = objectness, non-increasing)."""
+        labels = cs.max(dim=1).indices if bx.shape[0] else torch.zeros(0, dtype=torch.int64)
+        return Proposals(boxes=bx.contiguous(), scores=objectness.float().contiguous(), labels=labels.contiguous(),
+                         class_scores=cs.contiguous(), features=feat.contiguous())
+
     def propose_pooled(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
                        boxes: list[Tensor], detection_threshold: float | None = None
                        ) -> tuple[list[Proposals], list[Proposals] | None, list[Tensor]]:
@@ -575,13 +605,41 @@ class BuiltinDetector:
         props, _, heads = self._propose(images, image_ids, max_proposals, None, boxes)
         return props, [self._probabilities(h) for h in heads]
 
+    def propose_first_stage(self, images: list[np.ndarray], image_ids: list[int],
+                            max_proposals: int) -> list[Proposals]:
+        """The first stage's proposals (ReIR's RPN proposals): per image the dense boxes after the proposal
+        NMS, not refined by the region head (:meth:`DetectorModel.first_stage`: the first ``max_proposals``
+        of the RoIs that :meth:`propose` refines, so at most ``min(max_proposals, post_nms_top_n)``).
+
+        boxes: Tensor[K, 4] xyxy pixels of each original image (clipped to it); scores: the first-stage
+        objectness (sigmoid), non-increasing (the proposals keep the first stage's order, ties as its NMS
+        ordered them); class_scores / labels: the region head's classification of exactly these boxes
+        (object classes, background dropped, not renormalised, as for :meth:`propose`; labels = argmax);
+        features: their fc7 vectors, pooled as :meth:`propose` pools (:meth:`region_features` of the same
+        boxes gives the same vectors). ``nms_scores`` is None: ``scores`` is what the NMS ranked by.
+        """
+        return self._propose(images, image_ids, max_proposals, None, first_stage=True)[0]
+
+    def propose_first_stage_pooled(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
+                                   boxes: list[Tensor]) -> tuple[list[Proposals], list[Tensor]]:
+        """:meth:`propose_first_stage` and :meth:`region_features` of ``boxes`` (per image Tensor[K_i, 4] xyxy
+        original pixels) in one region-head pass (see :meth:`propose_pooled`). Returns ``(proposals,
+        features Tensor[K_i, feature_dim] per image)``."""
+        if len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box lists")
+        props, _, heads = self._propose(images, image_ids, max_proposals, None, boxes, first_stage=True)
+        return props, [h["feature"].contiguous() for h in heads]
+
     def _propose(self, images: list[np.ndarray], image_ids: list[int], max_proposals: int,
-                 threshold: float | None, extra: list[Tensor] | None = None
+                 threshold: float | None, extra: list[Tensor] | None = None, first_stage: bool = False
                  ) -> tuple[list[Proposals], list[Proposals] | None, list[dict[str, Tensor]]]:
         """Proposals (and detections with a threshold) of a list of images, and the region-head outputs
-        (:meth:`DetectorModel.region`'s dict) of the ``extra`` boxes per image, pooled in the same call."""
+        (:meth:`DetectorModel.region`'s dict) of the ``extra`` boxes per image, pooled in the same call.
+        ``first_stage``: the proposals are the first stage's (:meth:`propose_first_stage`; no threshold)."""
         if len(image_ids) != len(images):
             raise ValueError(f"{len(images)} images but {len(image_ids)} image ids")
+        if first_stage and threshold is not None:
+            raise ValueError("the first stage has no detection set: no detection_threshold with first_stage")
         maps, scales, sizes = self._maps(images)
         p = maps[DetectorModel.STRIDE]
         chunk = max(1, self.config.inference_batch)
@@ -589,8 +647,14 @@ class BuiltinDetector:
         # final boxes and B; index[i] = (final rows, detection rows) into them.
         pooled: list[Tensor] = []
         index: list[tuple[Tensor, Tensor, Tensor]] = []
+        objectness: list[Tensor] = []  # first stage: the scores of the pooled boxes
         for s0 in range(0, len(images), chunk):
-            dets = self.model.detect(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals, threshold)
+            if first_stage:
+                dets = [{"boxes": bx, "scores": sc} for bx, sc in
+                        self.model.first_stage(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals)]
+                objectness += [d["scores"] for d in dets]
+            else:
+                dets = self.model.detect(p[s0:s0 + chunk], sizes[s0:s0 + chunk], max_proposals, threshold)
             for j, d in enumerate(dets):
                 s = scales[s0 + j].repeat(2)
                 h, w = images[s0 + j].shape[:2]
@@ -616,7 +680,9 @@ class BuiltinDetector:
                 k = given[s0 + j].shape[0]
                 extra_out.append({key: v[start + n:start + n + k] for key, v in heads.items()})
                 start += n + k
-                if threshold is None:
+                if first_stage:
+                    out.append(self._first_stage(bx, cs, feat, objectness[s0 + j]))
+                elif threshold is None:
                     out.append(self._sorted(bx, cs, feat))
                 else:
                     fi, di, first = index[s0 + j]

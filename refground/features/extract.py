@@ -18,7 +18,14 @@ artifacts at once:
         first-pass confidence the threshold and the detector's final NMS use; >= THRESHOLD),
         labels int32[P], class_scores float16[P, C], features float16[P, D]      (best first by scores)
       attrs: format, version, feature_dim, class_names (JSON), max_proposals, sources (JSON identities),
-        detection_threshold (only with detections/)
+        detection_threshold (only with detections/), proposal_stage (only with ``first_stage``: "first")
+
+  With ``first_stage`` (``--first-stage``, the built-in detector only) the proposals section holds the
+  detector's *first-stage* boxes instead of its final detections
+  (:meth:`~refground.features.detector.BuiltinDetector.propose_first_stage`: after the proposal NMS,
+  unrefined, best first by objectness, which is ``scores``; ``labels`` / ``class_scores`` / ``features``
+  from the region head on exactly these boxes), in the same layout, so every reader reads it; the attr
+  ``proposal_stage = "first"`` and the fingerprint's parameters tell it from a final-stage artifact.
 
 - ``dense/<name>.zarr`` (:mod:`refground.cache.zarrstore`): maps at strides 8/16/32 of every image resized
   to ``dense_size``;
@@ -168,19 +175,27 @@ class Extractor:
     maps (None: the proposals' own features, and no ground-truth object features);
     ``clip``: embeddings (None: no CLIP artifact); ``detections``: the confidence threshold of the
     features artifact's ``detections/`` section (None: no such section; needs a
-    :class:`~refground.features.base.DetectionSource`).
+    :class:`~refground.features.base.DetectionSource`); ``first_stage``: the proposals are the source's
+    first-stage boxes (``propose_first_stage``, the built-in detector's) instead of its final detections.
     """
 
     def __init__(self, ds: Dataset, proposals: ProposalSource | None, features: FeatureSource | None,
                  clip: ClipEncoder | None, max_proposals: int, batch_size: int, dense_size: int,
-                 existing: RaggedH5 | None = None, detections: float | None = None):
+                 existing: RaggedH5 | None = None, detections: float | None = None, first_stage: bool = False):
         self.ds, self.proposals, self.features, self.clip = ds, proposals, features, clip
         self.max_proposals, self.batch_size, self.dense_size = max_proposals, max(1, batch_size), dense_size
         self.existing = existing
         self.detections = detections
+        self.first_stage = bool(first_stage)
         if detections is not None and proposals is not None and not isinstance(proposals, DetectionSource):
             raise UsageError(f"--detections: the proposal source {type(proposals).__name__} gives no pre-NMS "
                              "boxes; use the built-in detector (--detector builtin[:NAME])")
+        if self.first_stage and detections is not None:
+            raise UsageError("--first-stage and --detections: the first stage has no detection set; extract "
+                             "--detections in a run without --first-stage")
+        if self.first_stage and proposals is not None and not hasattr(proposals, "propose_first_stage"):
+            raise UsageError(f"--first-stage: the proposal source {type(proposals).__name__} has no first stage; "
+                             "use the built-in detector (--detector builtin[:NAME])")
         order = np.argsort(ds.image_ids)
         rows = np.searchsorted(ds.image_ids, ds.query_image_ids, sorter=order)
         q_rows = order[rows] if len(rows) else rows
@@ -214,6 +229,13 @@ class Extractor:
                             for f in ("boxes", "scores", "labels", "class_scores", "features")})
             return out, None, None
         ids = [int(ds.image_ids[r]) for r in rows]
+        if self.first_stage:
+            assert not with_detections
+            if boxes is not None:
+                props, feats = self.proposals.propose_first_stage_pooled(images, ids, self.max_proposals, boxes)
+                return [self._arrays(p) for p in props], None, feats
+            return [self._arrays(p) for p in self.proposals.propose_first_stage(images, ids, self.max_proposals)], \
+                None, None
         if boxes is not None:
             props, dets, feats = self.proposals.propose_pooled(images, ids, self.max_proposals, boxes,
                                                                self.detections if with_detections else None)
@@ -240,7 +262,8 @@ class Extractor:
             with_dets = self.detections is not None and "features" in want
             # The built-in detector pools the ground-truth boxes in its proposal pass (one region-head call).
             one_pass = ("features" in want and self.features is not None and self.features is self.proposals
-                        and hasattr(self.proposals, "propose_pooled"))
+                        and hasattr(self.proposals,
+                                    "propose_first_stage_pooled" if self.first_stage else "propose_pooled"))
             props, dets, pooled = self._proposals(images, brows, with_dets, gt if one_pass else None) \
                 if want & {"features", "clip"} else ([], None, None)
             if "features" in want:

@@ -5,6 +5,13 @@ Artifact names: ``features/<name>.h5`` and ``dense/<name>.zarr`` with ``name`` t
 is appended after ``+``), ``clip/<clip name>.h5``. Fingerprints chain the dataset, the input files
 (checkpoint, model folders, detections file) and the parameters (:mod:`refground.cache.manifest`).
 
+``first_stage`` (``--first-stage``, the built-in detector only) writes the features artifact from the
+detector's first-stage proposals (ReIR's RPN proposals, :meth:`BuiltinDetector.propose_first_stage`) under
+``<detector name>-rpn`` (:func:`first_stage_name`; e.g. ``features/detector-default-rpn.h5``), 50 per image
+unless ``max_proposals`` says otherwise; its fingerprint parameters and attrs carry ``proposal_stage =
+"first"`` (:func:`proposal_stage` reads it back). Nothing else is written with it: the dense maps do not
+depend on the stage, and a CLIP artifact (named after the CLIP model alone) would stand for one stage only.
+
 ``--force`` redoes the chunks of this run's shard only (:meth:`refground.cache.ChunkedJob.restart`): the
 shards of a forced sharded job each redo their own, and the complete artifact made before is no cache hit
 while the forced job is pending (:func:`refground.cache.chunks.rebuild_pending`); the last shard (or
@@ -36,6 +43,9 @@ log = logging.getLogger("refground")
 FEATURES_STEP = "extract.features@1"
 DENSE_STEP = "extract.dense@1"
 CLIP_STEP = "extract.clip@1"
+DEFAULT_MAX_PROPOSALS = 100  # proposals per image of the final stage when not given
+FIRST_STAGE_MAX_PROPOSALS = 50  # with first_stage: ReIR's M (the RPN's top 50)
+FIRST_STAGE_SUFFIX = "-rpn"  # features name of the first stage: <detector name>-rpn
 
 
 def artifact_paths(root: Path, name: str, clip_name: str = "") -> dict[str, Path]:
@@ -48,6 +58,20 @@ def features_path(dataset: str, cache: Any, name: str = "detector-default") -> P
     return artifact_paths(dataset_dir(dataset, cache).parent, name)["features"]
 
 
+def first_stage_name(detector_name: str = "detector-default") -> str:
+    """The features name `refground extract --first-stage` gives the detector named ``detector_name`` (the
+    name of its final-stage features, e.g. ``detector-default`` -> ``detector-default-rpn``)."""
+    return f"{detector_name}{FIRST_STAGE_SUFFIX}"
+
+
+def proposal_stage(path: str | Path) -> str:
+    """Which stage the proposals of the complete features artifact ``path`` come from: ``"first"`` (made with
+    ``--first-stage``) or ``"final"``; reads its manifest only (one-line :class:`ArtifactError` naming
+    `refground extract` when it is missing or incomplete)."""
+    m = require(Path(path), "refground extract")
+    return str((m.params or {}).get("proposal_stage", "final"))
+
+
 def require_features(path: Path) -> None:
     """:class:`ArtifactError` naming `refground extract` unless ``path`` is a complete, current features
     artifact (its dataset and model inputs unchanged)."""
@@ -55,10 +79,11 @@ def require_features(path: Path) -> None:
 
 
 def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", backbone: str = "",
-                    clip: str = "", max_proposals: int = 100, dense: bool = True, dense_size: int = 0,
-                    name: str = "", batch_size: int = 16, chunk_size: int = 64, shard: str = "",
-                    force: bool = False, seed: int = 0, detections: float | None = None,
-                    threads: int = 1, workers: int = 1, warn: bool = True) -> dict[str, Any]:
+                    clip: str = "", max_proposals: int | None = None, dense: bool | None = None,
+                    dense_size: int = 0, name: str = "", batch_size: int = 16, chunk_size: int = 64,
+                    shard: str = "", force: bool = False, seed: int = 0, detections: float | None = None,
+                    threads: int = 1, workers: int = 1, warn: bool = True,
+                    first_stage: bool = False) -> dict[str, Any]:
     """Fill (or find current) the features, dense and CLIP artifacts of ``dataset``. Returns a summary:
     per artifact its path and status (``hit``, ``written``, ``pending`` for shards), counts and timing.
 
@@ -75,8 +100,28 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
 
     ``detections``: a confidence threshold in (0, 1) (VL-NMS's delta, 0.05 in the paper) to also store the
     detector's pre-NMS boxes at or above it in the features artifact's ``detections/`` section (built-in
-    detector only); None (default) leaves the artifact, and its fingerprint, as without the option."""
+    detector only); None (default) leaves the artifact, and its fingerprint, as without the option.
+
+    ``first_stage``: the proposals are the built-in detector's first-stage boxes (see the module docstring);
+    ``max_proposals`` defaults to :data:`DEFAULT_MAX_PROPOSALS`, or :data:`FIRST_STAGE_MAX_PROPOSALS` with
+    ``first_stage``; ``dense`` defaults to True, or False with ``first_stage`` (which writes only the
+    features artifact: ``dense=True``, ``clip`` or ``detections`` with it are a :class:`UsageError`)."""
     t0 = time.perf_counter()
+    if max_proposals is None:
+        max_proposals = FIRST_STAGE_MAX_PROPOSALS if first_stage else DEFAULT_MAX_PROPOSALS
+    if dense is None:
+        dense = not first_stage
+    if first_stage:
+        # Said before anything is resolved or loaded.
+        if dense:
+            raise UsageError("--first-stage writes only the features artifact (dense maps do not depend on the "
+                             "stage): drop --dense, or extract them in a run without --first-stage")
+        if clip:
+            raise UsageError("--first-stage with --clip: the CLIP artifact is named after the model alone, so it "
+                             "can stand for one stage only; extract --clip in a run without --first-stage")
+        if detections is not None:
+            raise UsageError("--first-stage with --detections: the first stage has no detection set; extract "
+                             "--detections in a run without --first-stage")
     if max_proposals < 1:
         raise UsageError(f"--max-proposals {max_proposals}: must be at least 1")
     if detections is not None and not 0.0 < float(detections) < 1.0:
@@ -101,7 +146,11 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     if detections is not None and det.kind != "builtin":
         raise UsageError(f"--detections: --detector {det.spec or 'none'} gives no pre-NMS boxes; only the built-in "
                          "detector (--detector builtin[:NAME]) does")
-    name = name or (det.name if det.kind != "none" else feat.name) + (f"+{bb.name}" if bb and det.kind != "none" else "")
+    if first_stage and det.kind != "builtin":
+        raise UsageError(f"--first-stage: --detector {det.spec or 'none'} has no first stage; only the built-in "
+                         "detector (--detector builtin[:NAME]) proposes in two stages")
+    det_name = first_stage_name(det.name) if first_stage else det.name
+    name = name or (det_name if det.kind != "none" else feat.name) + (f"+{bb.name}" if bb and det.kind != "none" else "")
     clip_spec = resolve(clip, "clip", runs) if clip else None
     paths = artifact_paths(root, name, clip_spec.name if clip_spec else "")
 
@@ -112,6 +161,10 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     if detections is not None:
         # Only when on: artifacts made without the option keep their fingerprints.
         f_params["detections"] = float(detections)
+    if first_stage:
+        # Only when on, like detections: a first-stage artifact is never current for a final-stage request
+        # (nor the other way round), whatever its name.
+        f_params["proposal_stage"] = "first"
     # Bytes made on other thread counts differ: another artifact state. Only when not 1, so artifacts made
     # with the default keep their fingerprints.
     t_params = {"threads": int(threads)} if threads != 1 else {}
@@ -160,7 +213,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         args = dict(dataset=dataset, cache=cache, detector=detector, backbone=backbone, clip=clip,
                     max_proposals=max_proposals, dense=dense, dense_size=dense_size, name=name,
                     batch_size=batch_size, chunk_size=chunk_size, force=force, seed=seed, detections=detections,
-                    threads=threads, warn=False)
+                    threads=threads, warn=False, first_stage=first_stage)
         ran = _run_workers(args, workers, [t.path for t in targets], clip)
         for t in targets:
             status[t.kind]["status"] = "written"
@@ -186,6 +239,8 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
                                     "backbone": feat_model.identity() if feat_model is not None else None})
             if detections is not None:
                 t.attrs["detection_threshold"] = float(detections)
+            if first_stage:
+                t.attrs["proposal_stage"] = "first"
         elif t.kind == "dense":
             t.attrs.update(strides=[s for s in DENSE_STRIDES if s in feat_model.dense_channels],
                            size=size, channels={str(k): v for k, v in feat_model.dense_channels.items()})
@@ -197,7 +252,8 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
         existing = RaggedH5(paths["features"])
     extractor = X.Extractor(ds, None if existing is not None else det_model, feat_model, clip_model,
                             max_proposals, batch_size, size, existing=existing,
-                            detections=float(detections) if detections is not None else None)
+                            detections=float(detections) if detections is not None else None,
+                            first_stage=first_stage)
     try:
         ran = X.run(ds, targets, extractor, chunk_size, sh, force=force, threads=threads)
     finally:

@@ -36,7 +36,7 @@ from typing import Any
 from refground.errors import UsageError
 
 TASKS = ("comprehension", "phrase grounding", "segmentation", "proposals")
-BUILTIN = ("cmrin", "vlnms", "lts")  # packages under refground/methods/, loaded on first use of the registry
+BUILTIN = ("cmrin", "vlnms", "lts", "reir")  # packages under refground/methods/, loaded on first use of the registry
 
 
 @dataclass(frozen=True)
@@ -132,4 +132,14 @@ def get_method(name: str, action: str | None = None) -> Method:
     return method
 
 
-__all__ = ["BUILTIN", "Method", "Option", "TASKS", "get_method", "list_methods", "register", "unregister"]
+def train_command(method: str, dataset: str, name: str, variants: tuple[str, ...] = ()) -> str:
+    """The command that trains run ``name`` of ``method`` (a name among ``variants`` trains that variant), for the
+    reports' "not trained" rows."""
+    flag = f" --dataset {dataset}" if dataset != "synth" else ""
+    if name in variants:
+        return f"refground train {method}{flag} --variant {name}"
+    return f"refground train {method}{flag} --run {name}"
+
+
+__all__ = ["BUILTIN", "Method", "Option", "TASKS", "get_method", "list_methods", "register", "train_command",
+           "unregister"]

@@ -174,24 +174,31 @@ def extract_nouns_spacy(text: str, model: str = "en_core_web_sm") -> list[str]:
     """Nouns (NOUN and PROPN, as lower-case lemmas) of ``text`` tagged by spaCy's ``model``.
 
     spaCy is not a dependency of the toolkit: a one-line :class:`UsageError` says how to install it."""
-    nlp = _spacy_model(model)
+    nlp = spacy_model(model)
     return [t.lemma_.lower() for t in nlp(text) if t.pos_ in ("NOUN", "PROPN")]
 
 
-_SPACY: dict[str, object] = {}
+_SPACY: dict[tuple[str, bool], object] = {}
 
 
-def _spacy_model(model: str):
-    if model in _SPACY:
-        return _SPACY[model]
+def spacy_model(model: str, parser: bool = False):
+    """spaCy's ``model`` (cached), without its named-entity recogniser and, unless ``parser``, without its
+    dependency parser (the noun tagger needs tags only; the relation parser needs the parse). spaCy is not a
+    dependency of the toolkit: a missing spaCy, model or parser is a one-line :class:`UsageError` saying how to
+    install it."""
+    key = (model, parser)
+    if key in _SPACY:
+        return _SPACY[key]
     try:
         import spacy
     except ImportError:
         raise UsageError(f"--parser spacy needs spaCy: `pip install spacy && python -m spacy download {model}`"
                          ) from None
     try:
-        nlp = spacy.load(model, disable=["ner", "parser"])
+        nlp = spacy.load(model, disable=["ner"] if parser else ["ner", "parser"])
     except OSError:
         raise UsageError(f"spaCy model {model!r} is not installed: `python -m spacy download {model}`") from None
-    _SPACY[model] = nlp
+    if parser and "parser" not in nlp.pipe_names:
+        raise UsageError(f"spaCy model {model!r} has no dependency parser; use one that has (en_core_web_sm)")
+    _SPACY[key] = nlp
     return nlp

@@ -128,15 +128,19 @@ def load_glove(path: str | Path, restrict_to: set[str] | None = None) -> WordVec
     return WordVectors(words, matrix, identity=file_digest(path))
 
 
-def _corpus(ds) -> tuple[list[list[str]], list[tuple[list[str], list[str]]]]:
-    """Training sentences (lower-case tokens) and grounded pairs (mention words, category names)."""
+def _corpus(ds, grounded_links: bool = True) -> tuple[list[list[str]], list[tuple[list[str], list[str]]]]:
+    """Training sentences (lower-case tokens) and grounded pairs (mention words, category names). Without
+    ``grounded_links`` no mention's objects are read (the pairs are only each category name with itself): for a
+    method whose supervision forbids phrase-to-object links (ReIR)."""
     rows = ds.query_rows("train") if "train" in set(ds.query_splits) else ds.query_rows("all")
     sentences: list[list[str]] = []
     grounded: list[tuple[list[str], list[str]]] = []
-    row_of = {int(i): k for k, i in enumerate(ds.object_ids.tolist())}
+    row_of = {int(i): k for k, i in enumerate(ds.object_ids.tolist())} if grounded_links else {}
     for k in rows.tolist():
         toks = [t.lower() for t in ds.query_texts[k].split(" ") if t]
         sentences.append(toks)
+        if not grounded_links:
+            continue
         for j in range(int(ds.query_mention_offsets[k]), int(ds.query_mention_offsets[k + 1])):
             o0, o1 = int(ds.mention_object_offsets[j]), int(ds.mention_object_offsets[j + 1])
             cats = sorted({ds.categories[int(ds.object_categories[row_of[int(i)]])]
@@ -157,14 +161,15 @@ def toolkit_vectors(ds, dim: int = 100, seed: int = 0, window: int = 3, max_cont
     frequent words (ties alphabetical) as window contexts (``window`` words either side), plus one
     ``<cat:name>`` column per category (mention words x linked objects' categories, counted
     ``grounded_weight`` times). PPMI with context-distribution smoothing (alpha 0.75), then the top
-    ``dim`` singular directions, rows ``U S^0.5`` (keep ``dim`` well above the number of categories: a
+    ``dim`` singular directions, rows ``U S^0.5`` (``grounded_weight`` 0: no mention's objects are read at all,
+    the vectors come from the sentences alone) (keep ``dim`` well above the number of categories: a
     small ``dim`` keeps mostly the shared word-context directions and the category names collapse
     together; the default keeps every direction of the synthetic world's 81-word vocabulary). ``seed``
     is recorded for uniformity: nothing is random (the SVD is exact and cosine similarity does not
     depend on the sign of singular vectors).
     """
     del seed
-    sentences, grounded = _corpus(ds)
+    sentences, grounded = _corpus(ds, grounded_weight > 0)
     counts = Counter(w for s in sentences for w in s)
     vocab = sorted(counts)
     index = {w: i for i, w in enumerate(vocab)}

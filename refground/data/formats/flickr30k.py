@@ -379,7 +379,8 @@ def _apply_sidecar(side: dict, sidecar_path: Path, iid: int, xml_path: Path, txt
                 raise DataError(f"{stale}: query {q['id']} text differs from {txt_path.name} line {lineno}")
             mentions = tuple(Mention(int(m["start"]), int(m["end"]), str(m["role"]),
                                      tuple(int(i) for i in m["object_ids"]), str(m.get("type", "")),
-                                     str(m.get("entity", ""))) for m in q.get("mentions", ()))
+                                     str(m.get("entity", "")), str(m.get("kind", "")))
+                                 for m in q.get("mentions", ()))
             for m in mentions:
                 if m.role not in ROLES:
                     raise DataError(f"{sidecar_path}: query {q['id']}: unknown mention role {m.role!r}")
@@ -567,7 +568,8 @@ def export_flickr30k(ds: Dataset, out_root: str | os.PathLike, copy_image_files:
                 "id": q.id, "index": index_of[k], "text": q.text, "raw": q.raw, "kind": q.kind, "split": q.split,
                 "group": q.group,
                 "mentions": [{"start": m.start, "end": m.end, "role": m.role, "object_ids": list(m.object_ids),
-                              "type": m.type, "entity": m.entity} for m in q.mentions],
+                              "type": m.type, "entity": m.entity, **({"kind": m.kind} if m.kind else {})}
+                             for m in q.mentions],
                 "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object}
                               for r in q.relations],
             })

@@ -234,7 +234,8 @@ def _mentions_from_extra(extra: dict, path: Path, what: str) -> tuple[tuple[Ment
     try:
         mentions = tuple(Mention(int(m["start"]), int(m["end"]), str(m["role"]),
                                  tuple(int(i) for i in m["object_ids"]), str(m.get("type", "")),
-                                 str(m.get("entity", ""))) for m in extra.get("mentions", ()))
+                                 str(m.get("entity", "")), str(m.get("kind", "")))
+                             for m in extra.get("mentions", ()))
         relations = tuple(Relation(int(r["subject"]), str(r["predicate"]), int(r["object"]))
                           for r in extra.get("relations", ()))
     except (KeyError, TypeError, ValueError) as exc:
@@ -410,7 +411,8 @@ def _refs_of(ds: Dataset, rows: np.ndarray) -> list[dict[str, Any]]:
             "refground": {
                 "kind": q.kind, "group": q.group, "index": index,
                 "mentions": [{"start": m.start, "end": m.end, "role": m.role, "object_ids": list(m.object_ids),
-                              "type": m.type, "entity": m.entity} for m in q.mentions],
+                              "type": m.type, "entity": m.entity, **({"kind": m.kind} if m.kind else {})}
+                             for m in q.mentions],
                 "relations": [{"subject": r.subject, "predicate": r.predicate, "object": r.object}
                               for r in q.relations],
             },

@@ -1,9 +1,10 @@
 """Orchestration: per-image generation in worker processes, splits, assembly into a Dataset, writing.
 
 Image ``i`` (0-based; id ``i + 1``, file ``{i+1:06d}.png``) is generated from its own random streams
-(``SeedSequence([seed, i, 1])`` for the scene and the language, ``[seed, i, 2]`` for the pixels), so
-the result does not depend on how images are spread over workers, and annotations do not depend on
-whether pixels are rendered at all. Splits come from one permutation (``[seed, num_images, 3]``).
+(``SeedSequence([seed, i, 1])`` for the scene and the expressions, ``[seed, i, 4]`` for the captions,
+``[seed, i, 2]`` for the pixels), so the result does not depend on how images are spread over workers,
+and annotations do not depend on whether pixels are rendered at all. Splits come from one permutation
+(``[seed, num_images, 3]``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from refground.data.model import Dataset, Image, Mention, Object, Query, Relation
+from refground.data.model import PHRASE_KINDS, Dataset, Image, Mention, Object, Query, Relation
 from refground.data.stats import dataset_stats
 from refground.data.store import dataset_writer, finish_dataset, is_complete_with, load_dataset
 from refground.data.synth.language import KINDS, Facts, Sentence, captions, expressions
@@ -95,7 +96,8 @@ def generate_image(seed: int, index: int, split: str, image_size: int, image_dir
         exprs = expressions(facts, rng, role)
         if len(exprs) >= 2:
             break
-    caps = captions(facts, rng)
+    # Captions draw from their own stream, so that changing them leaves scenes and expressions as they were.
+    caps = captions(facts, np.random.default_rng([seed, index, 4]))
     objects = [(int(scene.cat[k]), int(scene.color[k]), int(scene.size[k]), tuple(scene.box[k].tolist()),
                 encode(scene.visible_mask(k))["counts"]) for k in range(scene.n)]
     if image_dir is not None:
@@ -164,6 +166,7 @@ def generate_dataset(name: str = "synth", num_images: int = 5000, seed: int = 0,
                       "params": params_dict(name, num_images, seed, image_size, fractions)},
         "vocabulary": vocabulary(),
         "kinds": list(KINDS),
+        "phrase_kinds": list(PHRASE_KINDS),
         "category_groups": {k: list(v) for k, v in CATEGORY_GROUPS.items()},
         "testA_group": TESTA_GROUP,
         "testB_group": TESTB_GROUP,
@@ -202,7 +205,8 @@ def _query(qid: int, image_id: int, task: str, kind: str, split: str, group: int
            ids: list[int]) -> Query:
     text, mentions, relations = packed
     return Query(qid, image_id, task, text,
-                 tuple(Mention(a, b, role, tuple(ids[k] for k in objs), typ) for a, b, role, objs, typ in mentions),
+                 tuple(Mention(a, b, role, tuple(ids[k] for k in objs), typ, "", mkind)
+                       for a, b, role, objs, typ, mkind in mentions),
                  tuple(Relation(s, p, o) for s, p, o in relations), kind, split, group, text)
 
 
@@ -229,8 +233,8 @@ def write_synthetic(directory: Path, name: str = "synth", num_images: int = 5000
 
 
 def summary(ds: Dataset) -> dict[str, Any]:
-    """Counts of a synthetic dataset: images, objects, expressions by kind, captions, shares, splits
-    (a view of :func:`refground.data.stats.dataset_stats`, which defines each figure)."""
+    """Counts of a synthetic dataset: images, objects, expressions by kind, captions, caption phrases by
+    kind, shares, splits (a view of :func:`refground.data.stats.dataset_stats`, which defines each figure)."""
     s = dataset_stats(ds)
     return {
         "images": s["images"],
@@ -241,6 +245,8 @@ def summary(ds: Dataset) -> dict[str, Any]:
         "relation_share": s["relation_share"],
         "second_order_share": s["second_order_share"],
         "captions": s["captions"],
+        "caption_phrases": s["caption_phrases"],
+        "caption_phrases_by_kind": {k: v["count"] for k, v in s["caption_phrase_kinds"].items()},
         "images_by_split": {k: v["images"] for k, v in s["splits"].items() if v["images"]},
     }
 

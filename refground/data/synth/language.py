@@ -20,6 +20,14 @@ head alone matches at least two objects, and without the nested clause another o
 expression too). Relations are asserted only where they hold clearly and distractors only where they
 clearly fail (``REL_*`` margins in :mod:`world`), so no expression sits on a decision boundary.
 Kinds: ``category``, ``attribute``, ``location``, ``size``, ``relation1``, ``relation2``.
+
+A caption's phrases each link to their objects, and each has a phrase kind (``Mention.kind``):
+``singular`` (its head words alone name one object), ``plural`` ("two blue stars": exactly the objects
+counted) or ``needs-relation`` (singular, but its head matches two or more objects; the relation that
+immediately follows it, to a ``singular`` landmark phrase, singles its object out, with the same clear /
+relaxed margins as a ``relation1`` expression). About a third of the phrases need their relation
+(``NEEDS_RELATION_CHANCE``), as in the weakly supervised grounding setting, where a phrase's own words do
+not always suffice.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from refground.data.model import EXPRESSION_KINDS
+from refground.data.model import EXPRESSION_KINDS, PHRASE_KINDS
 from refground.data.synth.scene import Scene
 from refground.data.synth.world import (CAPTION_OPENERS, CARRIERS, CATEGORIES, CATEGORY_GROUPS, COLOR_NAMES,
                                         CONNECTORS, COUNT_WORDS, FILLER_NOUNS, GEN_LOCATION_MARGIN,
@@ -44,6 +52,15 @@ KIND_WEIGHTS = {"category": 0.7, "attribute": 1.1, "location": 1.0, "size": 0.8,
                 "relation2": 3.5}
 REFERENTS_PER_IMAGE = 3
 CAPTIONS_PER_IMAGE = 3
+SINGULAR, PLURAL, NEEDS_RELATION = PHRASE_KINDS
+# Chance that a caption unit (where two phrases still fit and an option exists) is a needs-relation phrase
+# with its landmark; tuned so that about a third of caption phrases need their relation (see
+# tests/test_synth_captions.py for the enforced range).
+NEEDS_RELATION_CHANCE = 0.75
+# Chance that a single-phrase unit is plural where both kinds are free: needs-relation units (with their
+# singular landmarks) take most of a caption, and plural phrases (several boxes, as in Flickr30K) should
+# stay common among the rest.
+PLURAL_CHANCE = 0.75
 GROUP_A = frozenset(CATEGORIES.index(c) for c in CATEGORY_GROUPS["A"])
 
 Key = tuple[int, int, int]  # (category, colour or -1, size or -1)
@@ -164,20 +181,22 @@ class NP:
 
 @dataclass
 class Sentence:
-    """Tokens with mention spans (start, end, role, object indices, type) and relation triples."""
+    """Tokens with mention spans (start, end, role, object indices, type, phrase kind) and relation triples
+    (subject mention index, predicate words, object mention index)."""
 
     tokens: list[str] = field(default_factory=list)
-    mentions: list[tuple[int, int, str, tuple[int, ...], str]] = field(default_factory=list)
+    mentions: list[tuple[int, int, str, tuple[int, ...], str, str]] = field(default_factory=list)
     relations: list[tuple[int, str, int]] = field(default_factory=list)
 
     def words(self, text: str) -> None:
         if text:
             self.tokens.extend(text.split(" "))
 
-    def phrase(self, np_: NP, role: str, objects: tuple[int, ...]) -> int:
+    def phrase(self, np_: NP, role: str, objects: tuple[int, ...], kind: str = "") -> int:
+        """Append the phrase's tokens and its mention; ``kind``: a caption phrase kind, "" for expressions."""
         start = len(self.tokens)
         self.tokens.extend(np_.tokens())
-        self.mentions.append((start, len(self.tokens), role, objects, CATEGORIES[np_.cat]))
+        self.mentions.append((start, len(self.tokens), role, objects, CATEGORIES[np_.cat], kind))
         return len(self.mentions) - 1
 
     @property
@@ -202,6 +221,23 @@ def _choose_key(rng: np.random.Generator, keys: list[Key]) -> Key:
         if u < 0:
             return k
     return keys[-1]
+
+
+def relation_options(f: Facts, x: int) -> list[tuple[Key, str, int]]:
+    """Every ``(head key, relation r, landmark y)`` that singles out ``x`` by one relation: the head matches
+    ``x`` and at least one other object, ``x`` clearly satisfies "x r y", no other object matching the head
+    is even roughly in relation r to y, and y is unique (some key names it alone). Deterministic order
+    (keys as in ``Facts.obj_keys``, then relations, then landmarks by index)."""
+    options = []
+    for k in f.obj_keys[x]:
+        shared = f.keys[k]
+        if shared.bit_count() < 2:
+            continue
+        for r in RELATIONS:
+            for y in _bits(f.clear_row[r][x]):
+                if f.unique[y] and not (f.relaxed_col[r][y] & shared & ~(1 << x)):
+                    options.append((k, r, y))
+    return options
 
 
 # ------------------------------------------------------------------------------------- plans
@@ -286,13 +322,7 @@ class Describer:
 
     def relation1(self, x: int) -> Plan | None:
         f = self.f
-        options = []
-        for k in self.shared_keys(x):
-            shared = f.keys[k]
-            for r in RELATIONS:
-                for y in _bits(f.clear_row[r][x]):
-                    if f.unique[y] and not (f.relaxed_col[r][y] & shared & ~(1 << x)):
-                        options.append((k, r, y))
+        options = relation_options(f, x)
         if not options:
             return None
         k, r, y = options[int(self.rng.integers(len(options)))]
@@ -403,19 +433,48 @@ def expressions(facts: Facts, rng: np.random.Generator, role: str = "") -> list[
 
 
 # ------------------------------------------------------------------------------------- captions
-def _caption_phrases(facts: Facts, rng: np.random.Generator) -> list[tuple[NP, int]]:
-    """Phrase candidates: (NP, object bitmask). Singular phrases name exactly one object; plural ones
-    ("two blue stars") exactly the objects they count."""
-    out: list[tuple[NP, int]] = []
+@dataclass
+class _Unit:
+    """One or two caption phrases placed together: (NP, object bitmask, phrase kind) each; a needs-relation
+    phrase comes with its relation and landmark phrase."""
+
+    phrases: list[tuple[NP, int, str]]
+    relation: str = ""  # between the two phrases of a needs-relation unit
+
+    @property
+    def mask(self) -> int:
+        out = 0
+        for _, m, _ in self.phrases:
+            out |= m
+        return out
+
+
+def _caption_phrases(facts: Facts, rng: np.random.Generator) -> list[tuple[NP, int, str]]:
+    """Single phrase candidates: (NP, object bitmask, kind). Singular phrases name exactly one object;
+    plural ones ("two blue stars") exactly the objects they count."""
+    out: list[tuple[NP, int, str]] = []
     for o in range(facts.n):
         if facts.unique[o]:
             k = _choose_key(rng, facts.unique[o])
-            out.append((NP(k[0], k[1], k[2], "a" if rng.random() < 0.75 else "the"), 1 << o))
+            out.append((NP(k[0], k[1], k[2], "a" if rng.random() < 0.75 else "the"), 1 << o, SINGULAR))
     for k, mask in facts.keys.items():
         c = mask.bit_count()
         if 2 <= c <= 4 and not (k[1] >= 0 and k[2] >= 0):
-            out.append((NP(k[0], k[1], k[2], count=c), mask))
+            out.append((NP(k[0], k[1], k[2], count=c), mask, PLURAL))
     return out
+
+
+def _needs_relation_options(facts: Facts) -> list[tuple[int, Key, str, int]]:
+    """``(x, head key, relation, landmark y)`` for every object (see :func:`relation_options`)."""
+    return [(x, k, r, y) for x in range(facts.n) for k, r, y in relation_options(facts, x)]
+
+
+def _needs_relation_unit(facts: Facts, option: tuple[int, Key, str, int], rng: np.random.Generator) -> _Unit:
+    x, k, r, y = option
+    ky = _choose_key(rng, facts.unique[y])
+    head = NP(k[0], k[1], k[2], "a" if rng.random() < 0.75 else "the")
+    landmark = NP(ky[0], ky[1], ky[2], "a" if rng.random() < 0.75 else "the")
+    return _Unit([(head, 1 << x, NEEDS_RELATION), (landmark, 1 << y, SINGULAR)], r)
 
 
 def _holds(facts: Facts, r: str, a: int, b: int) -> bool:
@@ -427,45 +486,61 @@ def _holds(facts: Facts, r: str, a: int, b: int) -> bool:
 
 
 def captions(facts: Facts, rng: np.random.Generator) -> list[Sentence]:
-    """Up to ``CAPTIONS_PER_IMAGE`` distinct captions of 2-4 phrases (all role "referent")."""
-    cands = _caption_phrases(facts, rng)
+    """Up to ``CAPTIONS_PER_IMAGE`` distinct captions of 2-4 phrases (all role "referent", each with its
+    phrase kind).
+
+    A caption is a chain of units, each a single phrase or a needs-relation phrase with its relation and
+    landmark; consecutive units are joined by "and" or by a relation that clearly holds from every object
+    of the previous phrase to every object of the next. No object is linked by two phrases of a caption.
+    """
+    singles = [_Unit([c]) for c in _caption_phrases(facts, rng)]
+    singular = [u for u in singles if u.phrases[0][2] == SINGULAR]
+    plural = [u for u in singles if u.phrases[0][2] == PLURAL]
+    pairs = _needs_relation_options(facts)
     out: list[Sentence] = []
     seen: set[str] = set()
     for _ in range(CAPTIONS_PER_IMAGE * 3):
-        if len(out) >= CAPTIONS_PER_IMAGE or len(cands) < 2:
+        if len(out) >= CAPTIONS_PER_IMAGE or len(singles) + len(pairs) < 2:
             break
         target = int(rng.choice([2, 3, 4], p=[0.35, 0.4, 0.25]))
-        first = int(rng.integers(len(cands)))
-        chain = [(cands[first], "")]
-        used = cands[first][1]
+        chain: list[tuple[NP, int, str, str]] = []  # (NP, mask, kind, relation from the previous phrase)
+        used = 0
         while len(chain) < target:
-            prev_mask = chain[-1][0][1]
-            free = [c for c in cands if not (c[1] & used)]
-            if not free:
+            free_pairs = [p for p in pairs if not ((1 << p[0] | 1 << p[3]) & used)] \
+                if target - len(chain) >= 2 else []
+            # (mask of the unit's first phrase, the unit or the needs-relation option it is made from)
+            pool: list[tuple[int, _Unit | tuple[int, Key, str, int]]]
+            if free_pairs and rng.random() < NEEDS_RELATION_CHANCE:
+                pool = [(1 << p[0], p) for p in free_pairs]
+            else:
+                free = [[u for u in units if not (u.mask & used)] for units in (singular, plural)]
+                units = free[1] if free[1] and (not free[0] or rng.random() < PLURAL_CHANCE) else free[0]
+                pool = [(u.phrases[0][1], u) for u in units]
+            if not pool:
                 break
             linked = []
-            if rng.random() < 0.6:
-                for c in free:
-                    for r in RELATIONS:
-                        if _holds(facts, r, prev_mask, c[1]):
-                            linked.append((c, r))
+            if chain and rng.random() < 0.6:
+                prev_mask = chain[-1][1]
+                linked = [(c, r) for m, c in pool for r in RELATIONS if _holds(facts, r, prev_mask, m)]
             if linked:
-                c, r = linked[int(rng.integers(len(linked)))]
+                choice, r = linked[int(rng.integers(len(linked)))]
             else:
-                c, r = free[int(rng.integers(len(free)))], ""
-            chain.append((c, r))
-            used |= c[1]
+                choice, r = pool[int(rng.integers(len(pool)))][1], ""
+            unit = choice if isinstance(choice, _Unit) else _needs_relation_unit(facts, choice, rng)
+            links = [r] + ([unit.relation] if len(unit.phrases) == 2 else [])
+            chain.extend((np_, mask, kind, link) for (np_, mask, kind), link in zip(unit.phrases, links))
+            used |= unit.mask
         if len(chain) < 2:
             continue
         s = Sentence()
         if rng.random() < 0.4:
             s.words(_pick(rng, CAPTION_OPENERS))
         prev = -1
-        for (np_, mask), r in chain:
+        for np_, mask, kind, r in chain:
             if prev >= 0:
                 words = _pick(rng, RELATION_WORDS[r]) if r else "and"
                 s.words(words)
-            cur = s.phrase(np_, "referent", tuple(_bits(mask)))
+            cur = s.phrase(np_, "referent", tuple(_bits(mask)), kind)
             if prev >= 0 and r:
                 s.relations.append((prev, words, cur))
             prev = cur

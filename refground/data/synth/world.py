@@ -9,7 +9,7 @@ from __future__ import annotations
 GENERATOR = "refground.data.synth"
 # Bump when the output for a given (seed, parameters) changes: it is part of the recorded parameters, so
 # `refground data synth` regenerates a cached dataset made by an older version.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: captions with needs-relation phrases and phrase kinds, from their own random stream
 
 CATEGORIES = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars",
@@ -114,5 +114,8 @@ def vocabulary() -> dict:
                         f"{LOCATION_MARGIN} x width (left/right) or height (top/bottom) further",
             "size": "largest/smallest visible mask area among the objects matching the head, by a ratio "
                     f">= {SIZE_RATIO}",
+            "caption": "a singular phrase names the one object matching its head; a plural phrase counts exactly "
+                       "the objects matching it; a needs-relation phrase's head matches several objects and the "
+                       "relation right after it, to a singular phrase, keeps one",
         },
     }

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from refground.errors import ArtifactError, DataError, UsageError
-from refground.tables import PERCENT, TEXT, TableData, format_table
+from refground.errors import ArtifactError, DataError
+from refground.tables import PERCENT, TEXT, TableData, markdown_table, split_list
 
 TABLE2 = ("fusion", "filter", "fusion-filter", "fusion-seg", "filter-seg", "fusion-filter-seg", "lts")
 TABLE4 = ("lts", "lts-trans")
@@ -59,26 +59,12 @@ TABLE2_NOTE = ("Rows: the paper's Table 2 ablation, each run placed by its confi
 
 
 # ------------------------------------------------------------------------------------------------ parsing
-def split_list(splits: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
-    """The split names of a comma-separated ``--splits`` value (or a sequence), each checked; none is a
-    one-line UsageError."""
-    from refground.data.model import check_split_name
-
-    names = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else [str(s).strip() for s in splits]
-    names = list(dict.fromkeys(s for s in names if s))
-    if not names:
-        raise UsageError("--splits: no split given (e.g. val,testA,testB)")
-    return tuple(check_split_name(s) for s in names)
-
-
 def train_command(dataset: str, name: str) -> str:
     """The command that trains run ``name`` (a variant's name trains that variant)."""
+    from refground.methods import train_command as command
     from refground.methods.lts.model import VARIANTS
 
-    flag = f" --dataset {dataset}" if dataset != "synth" else ""
-    if name in VARIANTS:
-        return f"refground train lts{flag} --variant {name}"
-    return f"refground train lts{flag} --run {name}"
+    return command("lts", dataset, name, VARIANTS)
 
 
 def marks(config: dict[str, Any]) -> dict[str, str]:
@@ -371,19 +357,11 @@ def build_tables(dataset: str, status: dict[str, dict[str, Any]], scores: dict[s
     return out
 
 
-def _markdown_table(t: TableData) -> list[str]:
-    f = format_table(t._replace(title=""))  # the markdown heading has no "(%)": every percent header says it
-    head = [h + (f" ({u})" if u else "") for h, u in zip(f.headers, f.units)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if r else "---" for r in f.right) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in f.rows]
-    return lines
-
-
 def render_markdown(dataset: str, tables: list[tuple[str, TableData, str]], grid: str | None, grid_note: str
                     ) -> str:
     lines = [f"# LTS on {dataset}", ""]
     for heading, t, note in tables:
-        lines += [f"### {heading}", "", *_markdown_table(t), ""]
+        lines += [f"### {heading}", "", *markdown_table(t), ""]
         if note:
             lines += [note, ""]
     lines += ["### Successes and failures", ""]

@@ -83,9 +83,9 @@ def check_options(gamma: float, parser: str) -> None:
 def noun_extractor(ds, parser: str = "toolkit") -> Callable[[str], list[str]]:
     """text -> nouns, with the toolkit heuristic (the dataset's lexicon) or spaCy."""
     if parser == "spacy":
-        from refground.text.nouns import _spacy_model, extract_nouns_spacy
+        from refground.text.nouns import extract_nouns_spacy, spacy_model
 
-        _spacy_model("en_core_web_sm")  # fail now, with the install hint, not on the first query
+        spacy_model("en_core_web_sm")  # fail now, with the install hint, not on the first query
         return extract_nouns_spacy
     from refground.text.nouns import NounLexicon, extract_nouns
 
