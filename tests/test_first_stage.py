@@ -8,7 +8,6 @@ check the name, the layout, the stage in attrs and manifest, cache hits, shards 
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -22,24 +21,10 @@ from refground.errors import UsageError
 from refground.features.detector import BuiltinDetector, DetectorModel, prepare_images
 from refground.features.pipeline import extract_dataset, first_stage_name, proposal_stage
 from conftest import fail, run_json
+from test_extract_detections import h5_arrays, manifest
 
 RPN = Path("synth") / "features" / "detector-default-rpn.h5"
 FINAL = Path("synth") / "features" / "detector-default.h5"
-
-
-def h5_arrays(path: Path) -> dict[str, np.ndarray]:
-    import h5py
-
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if hasattr(obj, "shape") else None)
-    return out
-
-
-def manifest(path: Path) -> dict:
-    from refground.cache.manifest import manifest_path
-
-    return json.loads(manifest_path(path).read_text())
 
 
 @pytest.fixture(scope="module")

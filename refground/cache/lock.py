@@ -81,3 +81,19 @@ def is_locked(artifact: str | Path) -> bool:
 
 
 __all__ = ["LOCK_SUFFIX", "artifact_lock", "is_locked", "lock_path"]
+
+
+def claim_current(locks: contextlib.ExitStack, jobs: list[tuple[Path, dict]], step: str, parent_fps: dict,
+                  force: bool = False) -> list[tuple[str, dict | None]]:
+    """For each ``(artifact path, params)`` of ``jobs``: hold its writer lock in ``locks`` (for the caller's whole
+    block, so the check and the write are one), compute its fingerprint (``step``, ``params``, the parents'
+    fingerprints) and look for a current copy. Returns ``(fingerprint, manifest extra of a cache hit or None)``
+    per job, in order: None means the artifact must be (re)written (``force`` never hits)."""
+    from refground.cache.manifest import current_extra, fingerprint
+
+    out: list[tuple[str, dict | None]] = []
+    for path, params in jobs:
+        locks.enter_context(artifact_lock(Path(path)))
+        fp = fingerprint(step, params, parent_fps)
+        out.append((fp, current_extra(path, fp, force)))
+    return out

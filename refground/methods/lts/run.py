@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from refground import masks as rmasks
-from refground.cache import fingerprint as make_fingerprint
 from refground.cache import parent, require, write_manifest
 from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
@@ -330,8 +329,7 @@ def predict_lts_many(dataset: str, cache: Any, name: str, splits: list[str], for
     """Write (or find current) the predictions of run ``name`` on each of ``splits``: per expression query its
     mask (RLE), the mask's bounding box (``box``; absent for an empty mask, which then misses) and the
     localisation heatmap's maximum (``point``). Returns ``{"path", "split", "status", ...}`` per split."""
-    from refground.cache import current_extra
-    from refground.cache.lock import artifact_lock
+    from refground.cache.lock import claim_current
     from refground.cache.manifest import parent_fingerprints
     from refground.eval.predictions import write_predictions
 
@@ -349,14 +347,11 @@ def predict_lts_many(dataset: str, cache: Any, name: str, splits: list[str], for
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as locks:
         todo = []
-        for split in splits:
-            path = predictions_path(ref.path, split)
-            locks.enter_context(artifact_lock(path))
-            params = {"split": split}
-            fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
+        jobs = [(predictions_path(ref.path, split), {"split": split}) for split in splits]
+        for split, (path, params), (fp, hit) in zip(splits, jobs, claim_current(locks, jobs, PREDICT_STEP,
+                                                                                parent_fps, force)):
             results.append({"path": str(path), "split": split, "status": "hit", "features": dense,
                             "run_origin": ref.origin(m.fingerprint)})
-            hit = current_extra(path, fp, force)
             if hit is None:
                 todo.append((results[-1], path, split, params, fp))
             else:

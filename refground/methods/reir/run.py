@@ -25,9 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from refground.cache import fingerprint as make_fingerprint
 from refground.cache import parent, require, write_manifest
-from refground.data.model import Dataset
 from refground.data.store import dataset_dir, load_dataset
 from refground.errors import ArtifactError, UsageError
 from refground.methods.reir.data import (CaptionTable, CaptionView, ProposalTable, phrase_truth,
@@ -69,8 +67,7 @@ def relations_path(dataset: str, cache: Any) -> Path:
     path = pseudo_path(dataset, cache)
     if not path.exists():
         raise ArtifactError(f"{path}: no relation labels; run `refground pseudo reir`")
-    require(path, "refground pseudo reir", check_parents=True)
-    return path
+    return path  # its completeness and staleness: load_pseudo_reir checks them when it reads it
 
 
 def load_vectors(view: CaptionView, vocab: Vocabulary, word_vectors: Path | None, dim: int) -> Any:
@@ -104,12 +101,13 @@ class Inputs:
     """Everything a run reads for a dataset: the weak view, the proposals, the relation labels, word vectors and
     the class names (built once, shared by the splits)."""
 
-    def __init__(self, dataset: str, cache: Any, features: str, max_proposals: int) -> None:
+    def __init__(self, dataset: str, cache: Any, f_path: Path, r_path: Path, max_proposals: int) -> None:
+        """``f_path`` and ``r_path``: the proposals and relation labels (:func:`features_path`,
+        :func:`relations_path`), already located by the caller, whose fingerprints name them."""
         from refground.methods.reir.pseudo import load_pseudo_reir
 
         self.ds_dir = dataset_dir(dataset, cache)
-        self.f_path = features_path(dataset, cache, features)
-        self.r_path = relations_path(dataset, cache)
+        self.f_path, self.r_path = f_path, r_path
         self.ds = load_dataset(self.ds_dir)
         self.view = CaptionView.of(self.ds)
         if not len(self.view.query_rows("all", "caption")):
@@ -193,7 +191,7 @@ def train_reir(dataset: str, cache: Any = None, name: str = "reir", config: ReIR
         result = spec.start(name, force, t_start)
         if result["cache_hit"]:
             return result
-        inp = Inputs(dataset, cache, features, config.max_proposals)
+        inp = Inputs(dataset, cache, f_path, r_path, config.max_proposals)
         train_rows = inp.view.query_rows("train", "caption")
         vocab = Vocabulary.build((inp.view.query_texts[k].split(" ") for k in train_rows.tolist()),
                                  min_count=config.min_word_count)
@@ -281,8 +279,7 @@ def predict_reir_many(dataset: str, cache: Any, name: str, splits: list[str], fe
     """Write (or find current) the predictions of run ``name`` (or the class-name baseline, ``class-name``) on each
     of ``splits``: one line per caption phrase, ``{"query_id", "mention", "box"}``. Returns ``{"path", "split",
     "status", ...}`` per split."""
-    from refground.cache import current_extra
-    from refground.cache.lock import artifact_lock
+    from refground.cache.lock import claim_current
     from refground.cache.manifest import parent_fingerprints
     from refground.eval.predictions import write_predictions
 
@@ -311,14 +308,12 @@ def predict_reir_many(dataset: str, cache: Any, name: str, splits: list[str], fe
     results: list[dict[str, Any]] = []
     with contextlib.ExitStack() as locks:
         todo = []
-        for split in splits:
-            path = predictions_path(path_run, split)
-            locks.enter_context(artifact_lock(path))
-            params = {"split": split, "baseline": "class-name"} if baseline else {"split": split}
-            fp = make_fingerprint(PREDICT_STEP, params, parent_fps)
+        jobs = [(predictions_path(path_run, split), {"split": split, "baseline": "class-name"} if baseline
+                 else {"split": split}) for split in splits]
+        for split, (path, params), (fp, hit) in zip(splits, jobs, claim_current(locks, jobs, PREDICT_STEP,
+                                                                                parent_fps, force)):
             results.append({"path": str(path), "split": split, "status": "hit", "features": feats,
                             **({"run_origin": origin} if origin is not None else {})})
-            hit = current_extra(path, fp, force)
             if hit is None:
                 todo.append((results[-1], path, split, params, fp))
             else:
@@ -326,14 +321,14 @@ def predict_reir_many(dataset: str, cache: Any, name: str, splits: list[str], fe
         if not todo:
             return results
         if baseline:
-            inp = Inputs(dataset, cache, feats, ReIRConfig().max_proposals)
+            inp = Inputs(dataset, cache, f_path, r_path, ReIRConfig().max_proposals)
             rows = inp.view.query_rows("train", "caption")
             vocab = Vocabulary.build((inp.view.query_texts[k].split(" ") for k in rows.tolist()), min_count=1)
             vectors = load_vectors(inp.view, vocab, None, ReIRConfig().word_dim)
             model = None
         else:
             run = load_run(path_run)
-            inp = Inputs(dataset, cache, feats, run.config.max_proposals)
+            inp = Inputs(dataset, cache, f_path, r_path, run.config.max_proposals)
             classes = json.loads((path_run / "classes.json").read_text())["class_names"]
             if classes != inp.proposals.class_names:
                 raise ArtifactError(f"{f_path}: its detector classes differ from those run {name} trained with")
@@ -368,7 +363,8 @@ def explain_caption(dataset: str, cache: Any, name: str, query_id: int) -> dict[
     ref = resolve_run(name, "reir", dataset, cache)
     m = complete_run(ref.path, "reir")
     run = load_run(ref.path)
-    inp = Inputs(dataset, cache, m.params.get("features", DEFAULT_FEATURES), run.config.max_proposals)
+    inp = Inputs(dataset, cache, features_path(dataset, cache, m.params.get("features", DEFAULT_FEATURES)),
+                 relations_path(dataset, cache), run.config.max_proposals)
     vectors = load_vectors(inp.view, run.vocab, None, run.config.word_dim)
     q = inp.ds.query(int(query_id))
     if q.task != "caption":
@@ -392,12 +388,8 @@ def explain_caption(dataset: str, cache: Any, name: str, query_id: int) -> dict[
     truth = phrase_truth(inp.ds, np.array([int(query_id)]), n)[0]
     return {"image_id": q.image_id, "tokens": q.tokens, "spans": [(m_.start, m_.end) for m_ in q.mentions[:n]],
             "candidates": list(cands), "scores": list(scores), "boxes": res["pred_boxes"][0, :n].numpy(),
-            "truth": truth, "kinds": [getattr(m_, "kind", "") for m_ in q.mentions[:n]],
+            "truth": truth, "kinds": [m_.kind for m_ in q.mentions[:n]],
             "dataset": inp.ds}
-
-
-def dataset_of(dataset: str, cache: Any) -> Dataset:
-    return load_dataset(dataset_dir(dataset, cache))
 
 
 __all__ = ["CLASS_NAME_RUN", "DEFAULT_FEATURES", "accuracy", "class_name_boxes", "explain_caption", "ground",
