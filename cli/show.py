@@ -57,11 +57,12 @@ def show_body(
     m = get_method(method, "show") if method is not None else None
     kwargs = method_kwargs(m, "show_options", options)
     ds = load_named(dataset, cache)
-    task = "expression" if method is not None else None
+    # a method shows the queries of its task: captions for phrase grounding, expressions for the others
+    task = None if m is None else "caption" if m.task == "phrase grounding" else "expression"
     if query is None:
         rows = ds.query_rows(split, task)
         if not 0 <= index < len(rows):
-            what = "expression queries" if task else "queries"
+            what = f"{task} queries" if task else "queries"
             raise UsageError(f"--index {index} is outside split {split!r} ({len(rows)} {what})")
         q = ds.queries(split, task)[index]
     else:

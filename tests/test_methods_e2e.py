@@ -22,6 +22,8 @@ TINY = {
               "trans_layers": 1, "trans_ff": 8, "epochs": 2, "batch_size": 16, "lr": 2e-3},
     "lts": {"word_dim": 8, "gru_dim": 8, "fusion_dim": 8, "level_dim": 4, "aspp_dim": 4, "epochs": 1,
             "batch_size": 16, "lr_decay_epochs": 1},
+    "reir": {"word_dim": 8, "dim": 16, "hidden_dim": 16, "decoder_dim": 16, "epochs": 1, "batch_size": 16,
+             "lr_decay_epochs": 1},
 }
 
 
@@ -50,6 +52,7 @@ def world(tmp_path_factory) -> Path:
                        dataset_dir=dataset_dir("synth", root), evaluate=False)
         extract_dataset("synth", root, dense=True, max_proposals=20, detections=0.05)
         build_graphs("synth", root)
+        extract_dataset("synth", root, first_stage=True)  # ReIR's first-stage proposals (detector-default-rpn)
         train_cmrin("synth", root, "cmrin", CMRINConfig(**TINY_CMRIN), seed=0)
     finally:
         torch.set_num_threads(threads)
@@ -79,12 +82,14 @@ def test_method_end_to_end(name, world, tmp_path, capsys):
     assert (run_folder / "model.pt").is_file() and (run_folder / "metrics.json").is_file()
     assert run_json(capsys, "train", name, "--run", "t", "--config", str(cfg), *c)["cache_hit"] is True
     ev = run_json(capsys, "eval", "--method", name, "--run", "t", "--split", "val", *c)
-    section = {"comprehension": "comprehension", "segmentation": "segmentation"}.get(m.task, "proposals")
+    section = {"comprehension": "comprehension", "segmentation": "segmentation",
+               "phrase grounding": "phrase_grounding"}.get(m.task, "proposals")
     assert ev["counts"]["predictions_in_split"] > 0 and section in ev
     png = tmp_path / "show.png"
     assert main(["show", "--method", name, "--run", "t", "--split", "val", "--out", str(png), *c]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report_args = {"cmrin": ["--runs", "t"], "vlnms": ["--runs", "t", "--timing-images", "2"],
-                   "lts": ["--runs", "t", "--splits", "val"]}.get(name, [])
+                   "lts": ["--runs", "t", "--splits", "val"], "reir": ["--runs", "t", "--splits", "val"]
+                   }.get(name, [])
     rep = run_json(capsys, "report", name, *report_args, "--out", str(tmp_path / "r.md"), *c)
     assert (tmp_path / "r.md").is_file() and rep
