@@ -32,6 +32,7 @@ from refground.cli import data_view as _data_view  # noqa: F401,E402
 from refground.cli import extract as _extract  # noqa: F401,E402
 from refground.cli import graph as _graph  # noqa: F401,E402
 from refground.cli import quickstart as _quickstart  # noqa: F401,E402
+from refground.cli import retrieve as _retrieve  # noqa: F401,E402
 from refground.cli import vlnms as _vlnms  # noqa: F401,E402
 
 

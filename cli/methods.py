@@ -214,13 +214,18 @@ def pseudo_command(m: Method) -> Callable[..., None]:
 
 def method_groups() -> dict[str, typer.Typer]:
     """The ``train``, ``report`` and ``pseudo`` groups with a command per registered method (``train`` also
-    gets ``detector``: the built-in detector is no method but trains through the same loop)."""
+    gets ``detector`` and ``clip``: the built-in models are no methods but train through the same loop)."""
+    from refground.cli.report_clip import report_clip_command
+    from refground.cli.train_clip import train_clip_command
     from refground.cli.train_detector import train_detector_command
 
-    train = typer.Typer(help="Train a model: the built-in detector, or a method: "
+    train = typer.Typer(help="Train a model: the built-in detector or CLIP, or a method: "
                         f"{method_help(list_methods('train'))}.", no_args_is_help=True)
     train.command("detector")(train_detector_command)
-    report = typer.Typer(help=f"A method's tables: {method_help(list_methods('report'))}.", no_args_is_help=True)
+    train.command("clip")(train_clip_command)
+    report = typer.Typer(help=f"A method's tables: {method_help(list_methods('report'))}; clip: the built-in "
+                         "CLIP's zero-shot figures.", no_args_is_help=True)
+    report.command("clip")(report_clip_command)
     pseudo = typer.Typer(help=f"A method's pseudo ground truth: {method_help(list_methods('pseudo'))}.",
                          no_args_is_help=True)
     for m in list_methods():

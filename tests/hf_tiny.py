@@ -9,7 +9,6 @@ small images takes well under a second.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,45 +120,12 @@ def make_tiny_backbone(path: Path, seed: int = 0, image_mean: Sequence[float] | 
 # ------------------------------------------------------------------------------------ CLIP tokenizer
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the others to chr(256 + k)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def write_tiny_clip_vocab(path: Path, words: Sequence[str] = TINY_WORDS) -> tuple[int, int]:
-    """Write ``vocab.json`` and ``merges.txt`` of a tiny byte-level BPE in CLIP's layout: the 256 byte
-    symbols, the same with ``</w>``, one merge chain per word of ``words`` (so each is one token), then
-    ``<|startoftext|>`` and ``<|endoftext|>``. Every text tokenises (unknown words byte by byte).
-    Returns ``(bos_id, eos_id)``."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    alphabet = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for sym in alphabet + [a + "</w>" for a in alphabet]:
-        vocab.setdefault(sym, len(vocab))
-    merges: list[str] = []
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        acc = symbols[0]
-        for sym in symbols[1:]:
-            merge = f"{acc} {sym}"
-            acc = acc + sym
-            if merge not in merges:
-                merges.append(merge)
-                vocab.setdefault(acc, len(vocab))
-    bos, eos = len(vocab), len(vocab) + 1
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = bos, eos
-    (path / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return bos, eos
+    """The library's corpus BPE (:func:`refground.features.clip_tokenizer.write_clip_vocab`) over ``words``:
+    each of them one token, other words byte by byte. Returns ``(bos_id, eos_id)``."""
+    from refground.features.clip_tokenizer import write_clip_vocab
+
+    return write_clip_vocab(path, words)
 
 
 def _clip_parts(path: Path, text_overrides: dict[str, Any], vision_overrides: dict[str, Any]):

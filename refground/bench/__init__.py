@@ -46,6 +46,7 @@ BENCH_MODULES = (
     "refground.bench.eval_bench",
     "refground.bench.lts_bench",
     "refground.bench.reir_bench",
+    "refground.bench.retrieval_bench",
 )
 
 

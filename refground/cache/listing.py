@@ -4,6 +4,7 @@ A cache root holds one folder per dataset; inside, ``dataset/`` and one folder p
 
     <root>/<dataset>/{dataset, features, dense, clip, graph, pseudo}/...   runs/<method>/<name>/
     <root>/<dataset>/vlnms/<tag>/<split>.h5                                 (query-aware proposals)
+    <root>/<dataset>/index/<clip model>/<section>-<type>[-s<S>]/             (faiss indexes, `refground retrieve`)
 
 Besides complete artifacts it may hold ``.partial`` folders (interrupted or sharded extraction: resumable,
 never read by a later step), hidden ``.<name>.lock`` files (the writers' locks, :mod:`refground.cache.lock`)
@@ -79,6 +80,11 @@ def _artifacts(ds_root: Path) -> list[tuple[str, Path]]:
         for tag in sorted(p for p in qp.iterdir() if p.is_dir()):
             out += [(f"vlnms/{tag.name}", p) for p in sorted(tag.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)
                     and not _hidden_lock(p) and p.suffix != ".jsonl"]
+    # Retrieval indexes (`refground retrieve`): index/<clip model>/<section>-<type>[-s<S>]/, folders with a manifest.
+    idx = ds_root / "index"
+    if idx.is_dir():
+        for model in sorted(p for p in idx.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            out += [(f"index/{model.name}", p) for p in sorted(model.iterdir()) if not _hidden_lock(p)]
     runs = ds_root / "runs"
     if runs.is_dir():
         for method in sorted(p for p in runs.iterdir() if p.is_dir()):
@@ -231,6 +237,10 @@ def remedy(e: Entry, root: Path) -> str:
         return f"refground vlnms --run {e.kind[6:]} --split {stem} {where} --force"
     if e.kind == "pseudo":
         return f"refground pseudo {stem.split('-')[0]} {where} --force"
+    if e.kind.startswith("index/"):
+        from refground.retrieval.store import rebuild_command
+
+        return rebuild_command(e.path, root)
     return f"the step that made it ({step or 'unknown'}) with --force"
 
 
@@ -260,6 +270,10 @@ def verify(root: Path, sweep: bool = False, deep: bool = False) -> list[Entry]:
                     e.problems += _check_h5(e.path)
                 elif e.path.suffix == ".zarr":
                     e.problems += _check_zarr(e.path)
+                elif e.kind.startswith("index/"):
+                    from refground.retrieval.store import index_problems
+
+                    e.problems += index_problems(e.path)
         if e.problems and e.status == "complete":
             e.status = "damaged"
     return entries

@@ -131,8 +131,9 @@ def dataset_remedy(directory: Path, manifest: dict[str, Any]) -> str:
         command = f"refground {command}"
     p = manifest.get("params") or {}
     if command.endswith("data synth"):
-        flags = " ".join(f"--{opt} {p[key]}" for key, opt in (("num_images", "num-images"), ("image_size", "image-size"),
-                                                                ("seed", "seed")) if key in p)
+        flags = " ".join(f"--{opt} {p[key]}" for key, opt in (("preset", "preset"), ("num_images", "num-images"),
+                                                                ("image_size", "image-size"), ("seed", "seed"))
+                         if key in p)
         cache = Path(directory).parent.parent
         return f"{command} --dataset {name} {flags} --cache {cache} --force"
     return f"{command} --dataset {name} --cache {Path(directory).parent.parent} --force (with the same inputs)"

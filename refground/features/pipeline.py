@@ -181,7 +181,9 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
     if clip_spec is not None:
         c_parents = {"dataset": ds_parent, "clip": clip_spec.parent,
                      "features": Parent("artifact", str(paths["features"]), f_fp)}
-        c_params = {"format_version": X.FORMAT_VERSION, "prompt": X.CLIP_PROMPT, **t_params}
+        # The crop recipe (context padding, square window, mean fill): crops cut another way are another artifact.
+        c_params = {"format_version": X.FORMAT_VERSION, "prompt": X.CLIP_PROMPT, "crop": dict(X.CLIP_CROP),
+                    **t_params}
         wanted["clip"] = (CLIP_STEP, c_params, c_parents, fingerprint(CLIP_STEP, c_params,
                                                                       parent_fingerprints(c_parents)))
     for kind, (step, params, parents, fp) in wanted.items():
@@ -246,7 +248,7 @@ def extract_dataset(dataset: str, cache: Any = None, detector: str = "builtin", 
                            size=size, channels={str(k): v for k, v in feat_model.dense_channels.items()})
         else:
             t.attrs.update(category_names=list(ds.categories), prompt=X.CLIP_PROMPT,
-                           embed_dim=int(clip_model.embed_dim))
+                           embed_dim=int(clip_model.embed_dim), crop=dict(t.params["crop"]))
     existing = None
     if "features" not in {t.kind for t in targets} and "clip" in {t.kind for t in targets}:
         existing = RaggedH5(paths["features"])

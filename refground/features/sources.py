@@ -11,7 +11,8 @@ Specs (the ``refground extract`` options):
   JSON format); ``none`` (no proposals: ground-truth object features only).
 - ``--backbone``: the region feature source; ``builtin[:NAME]`` or ``hf:PATH`` (an AutoBackbone folder), or
   empty for the detector's own (the built-in detector is both).
-- ``--clip``: ``hf:PATH`` (or a bare PATH) of a CLIP folder.
+- ``--clip``: ``hf:PATH`` (or a bare PATH) of a CLIP folder, or ``builtin[:NAME]``: the built-in CLIP of
+  ``refground train clip`` (trained on the ``web`` corpus), loaded as the folder it saved.
 
 Resolving a spec is cheap: it finds the input file and fingerprints it (a :class:`Parent`) without loading
 any model, so a cache hit never pays for model loading; :meth:`SourceSpec.load` builds the model on a miss.
@@ -70,6 +71,31 @@ def _builtin(rest: str, runs_dir: Path) -> tuple[Path, str]:
     return run, f"detector-{run.name if is_path_spec(rest or 'default') else ref.tag}"
 
 
+def _builtin_clip(spec: str, rest: str, runs_dir: Path) -> SourceSpec:
+    """``--clip builtin[:NAME | :DATASET/NAME | :PATH]``: the built-in CLIP of ``refground train clip``, trained
+    on its own corpus (dataset ``web`` unless DATASET/ says otherwise), loaded through the very code path of
+    ``hf:PATH`` (its ``pretrained/`` folder). Artifact name ``clip-NAME`` (``clip-DATASET.NAME`` for a corpus
+    other than ``web``, the folder's name for a path)."""
+    from refground.features.clip_train import CORPUS, PRETRAINED_DIR
+    from refground.runs import is_path_spec, resolve_run
+
+    ref = resolve_run(rest or "default", "clip", CORPUS, runs_dir.parent.parent)
+    run = ref.path
+    remedy = ref.train_command() if not ref.local or ref.name != "default" else "refground train clip"
+    folder = run / PRETRAINED_DIR
+    if not (folder / "config.json").is_file():
+        raise ArtifactError(f"{run}: no trained built-in CLIP here; run `{remedy}`")
+    require(run, remedy)  # an interrupted run has no complete manifest
+    name = f"clip-{run.name if is_path_spec(rest or 'default') else ref.tag}"
+
+    def load_builtin(ds: Any) -> Any:
+        from refground.features import hf
+
+        return hf.HFClip(folder)
+
+    return SourceSpec(spec, "builtin", folder, name, parent("run", run), load_builtin)
+
+
 def _model_type(path: Path) -> str:
     import json
 
@@ -92,7 +118,7 @@ def resolve(spec: str, role: str, runs_dir: Path, class_names: list[str] | None 
         return SourceSpec(spec, "none", None, "none", None)
     if kind == "builtin":
         if role == "clip":
-            raise UsageError("--clip builtin: the built-in CLIP is not available yet; give hf:PATH")
+            return _builtin_clip(spec, rest, runs_dir)
         run, name = _builtin(rest, runs_dir)
 
         def load_builtin(ds: Any) -> Any:

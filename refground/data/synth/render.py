@@ -181,6 +181,117 @@ def render(rng: np.random.Generator, height: int, width: int, shapes: list[tuple
     return np.clip(img + 0.5, 0, 255).astype(np.uint8)
 
 
+# ------------------------------------------------------------------------------------- web corpus pixels
+# The built-in CLIP's pretraining corpus (refground.data.synth.web) draws its own backgrounds, none of them
+# one of the world's BACKGROUNDS, with wider colour ranges; the scene sampler picks the kind (a caption may
+# name it), the renderer draws its colours and geometry from the pixel stream.
+WEB_BACKGROUNDS = ("plain", "white", "dots", "waves", "radial", "grid", "blotches")
+
+
+def _hsv(h: float, s: float, val: float) -> np.ndarray:
+    """HSV (each in 0..1) -> RGB float32[3] in 0..255."""
+    i = int(h * 6.0) % 6
+    f = h * 6.0 - int(h * 6.0)
+    p, q, t = val * (1 - s), val * (1 - s * f), val * (1 - s * (1 - f))
+    rgb = [(val, t, p), (q, val, p), (p, val, t), (p, q, val), (t, p, val), (val, p, q)][i]
+    return np.array(rgb, dtype=np.float32) * 255.0
+
+
+def _wide(rng: np.random.Generator) -> np.ndarray:
+    """A background colour from a wider range than the world's muted ones (saturation up to 0.45, value
+    0.15-0.97): objects' named colours (saturation >= 0.6) still stand out by chroma or brightness."""
+    return _hsv(rng.random(), rng.uniform(0.0, 0.45), rng.uniform(0.15, 0.97))
+
+
+def _blend(t: np.ndarray, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+    """float32[H, W, 3]: ``c1`` where ``t`` (float[H, W] in 0..1) is 0, ``c2`` where it is 1 (a 256-entry
+    colour table and one gather instead of a broadcast over the channels)."""
+    lut = c1[None, :] + (c2 - c1)[None, :] * (np.arange(256, dtype=np.float32) / 255)[:, None]
+    return np.take(lut, (np.clip(t, 0, 1) * 255 + 0.5).astype(np.uint8), axis=0)
+
+
+def web_background(rng: np.random.Generator, kind: str, height: int, width: int) -> np.ndarray:
+    """A web-corpus background float32[H, W, 3] of ``kind`` (one of :data:`WEB_BACKGROUNDS`): a plain colour,
+    near-white, polka dots, wavy bands, a radial gradient, diagonal grid lines or soft blotches."""
+    if kind not in WEB_BACKGROUNDS:
+        raise ValueError(f"unknown web background {kind!r}")
+    scale = float(max(height, width))
+    yy = np.arange(height, dtype=np.float32)[:, None]
+    xx = np.arange(width, dtype=np.float32)[None, :]
+    c1, c2 = _wide(rng), _wide(rng)
+    if kind == "plain":
+        t = np.zeros((height, width), dtype=np.float32)
+    elif kind == "white":
+        c1 = _hsv(rng.random(), rng.uniform(0.0, 0.05), rng.uniform(0.93, 1.0))
+        t = np.zeros((height, width), dtype=np.float32)
+    elif kind == "dots":
+        period = rng.uniform(0.07, 0.2) * scale
+        rad = period * rng.uniform(0.15, 0.35)
+        shift = np.float32(period / 2) * ((yy // np.float32(period)) % 2) if rng.random() < 0.5 else 0.0
+        fx = (xx + shift) % np.float32(period) - np.float32(period / 2)
+        fy = yy % np.float32(period) - np.float32(period / 2)
+        t = (fx * fx + fy * fy <= np.float32(rad * rad)).astype(np.float32)
+    elif kind == "waves":
+        theta = rng.uniform(0.0, math.pi)
+        u = xx * np.float32(math.cos(theta)) + yy * np.float32(math.sin(theta))
+        v = yy * np.float32(math.cos(theta)) - xx * np.float32(math.sin(theta))
+        amp, wave, period = rng.uniform(0.02, 0.07) * scale, rng.uniform(0.2, 0.5) * scale, rng.uniform(0.08, 0.2) * scale
+        t = np.float32(0.5) + np.float32(0.5) * np.sin((v + np.float32(amp) * np.sin(u * np.float32(2 * math.pi / wave)))
+                                                       * np.float32(2 * math.pi / period))
+    elif kind == "radial":
+        cx, cy = rng.uniform(0.2, 0.8) * width, rng.uniform(0.2, 0.8) * height
+        d = np.sqrt((xx - np.float32(cx)) ** 2 + (yy - np.float32(cy)) ** 2)
+        t = d * np.float32(1.0 / max(float(d.max()), 1.0))
+    elif kind == "grid":
+        period = rng.uniform(0.08, 0.22) * scale
+        lw = max(1.0, period * rng.uniform(0.06, 0.16))
+        a = (xx + yy) % np.float32(period) < np.float32(lw)
+        b = (xx - yy) % np.float32(period) < np.float32(lw)
+        t = (a | b).astype(np.float32)
+    else:  # blotches: a few soft round blobs of the second colour
+        k = int(rng.integers(3, 9))
+        bx, by = rng.uniform(0, width, k), rng.uniform(0, height, k)
+        br = rng.uniform(0.06, 0.2, k) * scale
+        d2 = ((xx[None] - bx[:, None, None].astype(np.float32)) ** 2 + (yy[None] - by[:, None, None].astype(np.float32)) ** 2)
+        t = np.exp(-d2 / (2 * (br[:, None, None].astype(np.float32)) ** 2)).max(axis=0)
+        t = np.clip((t - np.float32(0.3)) * np.float32(3.0), 0, 1)
+    return _blend(t, c1, c2)
+
+
+def paint_object_flat(img: np.ndarray, rng: np.random.Generator, x0: int, y0: int, mask: np.ndarray,
+                      color: str) -> None:
+    """Paint a shape in clip-art style into ``img`` float32[H, W, 3] in place: one flat tone of the named
+    colour (brightness jitter), with a dark or white outline or none (none on a shape under 12 pixels
+    across, whose outline would cover most of it)."""
+    h, w = mask.shape
+    base = np.array(COLORS[color], dtype=np.float32) * np.float32(rng.uniform(0.85, 1.08))
+    region = img[y0:y0 + h, x0:x0 + w]
+    region[mask] = base
+    style = int(rng.integers(3))
+    if style < 2 and min(h, w) >= 12:
+        interior = mask.copy()
+        interior[0, :] = interior[-1, :] = False
+        interior[:, 0] = interior[:, -1] = False
+        interior[1:-1, 1:-1] &= mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
+        edge = mask & ~interior
+        region[edge] = np.float32(20.0) if style == 0 else np.float32(250.0)
+
+
+def render_web(rng: np.random.Generator, height: int, width: int, shapes: list[tuple[int, int, np.ndarray]],
+               colors: list[int], background_kind: str) -> np.ndarray:
+    """Render a web-corpus image: a :func:`web_background` of ``background_kind``, then the shapes in order,
+    each shaded as in the world (:func:`paint_object`) or flat (:func:`paint_object_flat`), sometimes with
+    fine grain over everything. Returns uint8[H, W, 3]."""
+    img = web_background(rng, background_kind, height, width)
+    for (x0, y0, mask), c in zip(shapes, colors):
+        paint = paint_object if rng.random() < 0.6 else paint_object_flat
+        paint(img, rng, x0, y0, mask, COLOR_NAMES[c])
+    if rng.random() < 0.25:
+        grain = rng.standard_normal((height, width), dtype=np.float32) * np.float32(rng.uniform(1.0, 3.5))
+        img += grain[:, :, None]
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+
+
 def _chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
@@ -205,5 +316,5 @@ def save_png(img: np.ndarray, path: Path) -> None:
     Path(path).write_bytes(png_bytes(img))
 
 
-__all__ = ["BACKGROUNDS", "background", "paint_object", "png_bytes", "render", "save_png", "shape_window",
-           "unit_shape"]
+__all__ = ["BACKGROUNDS", "WEB_BACKGROUNDS", "background", "paint_object", "paint_object_flat", "png_bytes", "render",
+           "render_web", "save_png", "shape_window", "unit_shape", "web_background"]
