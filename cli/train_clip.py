@@ -19,10 +19,10 @@ def train_clip_command(
     run: Annotated[str, typer.Option("--run", help="Run name: the run folder is <cache>/<corpus>/runs/clip/<run>/, "
                                      "its model in pretrained/ (what `refground extract --clip builtin:<run>` "
                                      "reads).")] = "default",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 8).",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 24).",
                                                   show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Image-caption pairs per step, each "
-                                                      "the others' negatives (default 256).",
+                                                      "the others' negatives (default 64).",
                                                       show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak AdamW learning rate (default 0.001).",
                                                 show_default=False)] = None,
@@ -66,7 +66,7 @@ def train_clip_command(
              ("parameters", m.get("parameters")), ("training seconds", result.get("train_seconds")),
              ("training pairs/s", result.get("queries_per_s"))]
     tables = [table(f"built-in CLIP {run!r} on {dataset} {m.get('split', 'val')} ({m.get('images', '?')} images, "
-                    f"{m.get('captions', '?')} captions): retrieval", ["metric", "caption -> image", "image -> caption"],
-                    rows),
+                    f"{m.get('captions', '?')} captions): retrieval",
+                    ["metric", "caption -> image", "image -> caption"], rows),
               table(f"built-in CLIP {run!r}", ["", "value"], [(k, v if v is not None else "-") for k, v in facts])]
     emit({"dataset": dataset, "name": run, **{k: v for k, v in result.items() if k != "curve"}}, as_json, tables)

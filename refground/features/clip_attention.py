@@ -97,8 +97,8 @@ def _text_embeddings(model: Any, input_ids: torch.Tensor, attention_mask: torch.
     differentiated)."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        t = _pooled(model.get_text_features(input_ids=input_ids.to(device),
-                                            attention_mask=None if attention_mask is None else attention_mask.to(device)))
+        mask = None if attention_mask is None else attention_mask.to(device)
+        t = _pooled(model.get_text_features(input_ids=input_ids.to(device), attention_mask=mask))
     return F.normalize(t.float(), dim=-1)
 
 

@@ -24,8 +24,10 @@ renamed before the run is marked complete).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from torch import Tensor
 from refground.data.model import Dataset
 from refground.errors import DataError, UsageError
 from refground.progress import track
-from refground.train import MODEL_FILE, RunSpec, fit, load_weights, write_json
+from refground.train import MODEL_FILE, RunSpec, fit, load_weights
 
 STEP, STEP_VERSION = "train-clip", 1
 CORPUS = "web"  # the dataset the built-in CLIP trains on by default (`refground data synth --preset web`)
@@ -49,28 +51,31 @@ IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LOGIT_SCALE = math.log(100.0)
 RECALL_KS = (1, 5, 10)
+# Hard-negative groups: images whose captions name the same colour train in one batch (see epoch_batches).
+GROUP_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "cyan")
 
 
 @dataclass
 class ClipTrainConfig:
     """The built-in CLIP's architecture and training (saved as ``config.json`` in the run folder)."""
 
-    image_size: int = 96
-    patch_size: int = 12
+    image_size: int = 48
+    patch_size: int = 6
     vision_width: int = 128
     vision_layers: int = 4
     vision_heads: int = 4
     text_width: int = 128
-    text_layers: int = 3
+    text_layers: int = 2
     text_heads: int = 4
-    context_length: int = 24
+    context_length: int = 20
     projection_dim: int = 128
-    epochs: int = 8
-    batch_size: int = 256
+    epochs: int = 24
+    batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 300
     min_word_count: int = 2
+    hard_negatives: float = 0.5
     bf16: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +92,8 @@ class ClipTrainConfig:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.vision_width % cfg.vision_heads or cfg.text_width % cfg.text_heads:
             raise ValueError("the widths must be multiples of their head counts")
+        if not 0.0 <= cfg.hard_negatives <= 1.0:
+            raise ValueError(f"hard_negatives {cfg.hard_negatives} must be in [0, 1]")
         return cfg
 
 
@@ -108,11 +115,11 @@ def clip_model_config(cfg: ClipTrainConfig, vocab_size: int, bos: int, eos: int)
 
 def image_processor(cfg: ClipTrainConfig):
     """The ``CLIPImageProcessor`` of the built-in CLIP: shortest side to ``image_size`` (bicubic), centre crop."""
-    from transformers import CLIPImageProcessor
-
     from refground.features.hf import _quiet
 
-    with _quiet():  # transformers 5 warns that it falls back to its PIL backend without torchvision
+    with _quiet():  # transformers 5 warns, on import, that it falls back to its PIL backend without torchvision
+        from transformers import CLIPImageProcessor
+
         return CLIPImageProcessor(size={"shortest_edge": cfg.image_size},
                                   crop_size={"height": cfg.image_size, "width": cfg.image_size},
                                   image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD))
@@ -129,7 +136,8 @@ class Corpus:
     normalisation: :func:`normalise` finishes the processor's work per batch); ``input_ids`` / ``attention_mask``:
     int64[M, L] every caption tokenised (padded to L = context length); ``caption_image``: int64[M] the image
     row of each caption; ``caption_key``: int64[M] one id per distinct caption text; ``offsets``: int64[N + 1],
-    the captions of image i are rows ``offsets[i]:offsets[i+1]`` (grouped by image)."""
+    the captions of image i are rows ``offsets[i]:offsets[i+1]`` (grouped by image); ``image_group``: int64[N]
+    the hard-negative group of each image (:func:`text_groups` of its first caption)."""
 
     pixels: Tensor
     input_ids: Tensor
@@ -137,6 +145,7 @@ class Corpus:
     caption_image: Tensor
     caption_key: Tensor
     offsets: Tensor
+    image_group: Tensor
 
     @property
     def num_images(self) -> int:
@@ -186,7 +195,33 @@ def load_corpus(ds: Dataset, split: str, tokenizer: Any, processor: Any, cfg: Cl
     counts = torch.tensor([len(ts) for ts in texts], dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
     return Corpus(torch.cat(blocks), tok["input_ids"].long(), tok["attention_mask"].long(),
-                  torch.repeat_interleave(torch.arange(len(ids)), counts), key, offsets)
+                  torch.repeat_interleave(torch.arange(len(ids)), counts), key, offsets,
+                  torch.from_numpy(text_groups([ts[0] for ts in texts])))
+
+
+def text_groups(texts: Sequence[str], words: Sequence[str] = GROUP_WORDS) -> np.ndarray:
+    """int64[len(texts)]: the index in ``words`` of the first of them a text uses (``len(words)``: none). The
+    hard-negative groups: read from the caption alone, as a web crawler could."""
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+    index = {w: k for k, w in enumerate(words)}
+    return np.array([index[m.group(1)] if (m := pattern.search(t.lower())) else len(words) for t in texts],
+                    dtype=np.int64)
+
+
+def epoch_batches(groups: Tensor, batch_size: int, hard: float, gen: torch.Generator) -> Tensor:
+    """One epoch's batches of image rows, int64[steps, batch_size] (the last partial batch dropped): a share
+    ``hard`` of the images is sorted by group (``groups`` int64[N]) before cutting, so those batches hold
+    images whose captions name one colour and must be told apart by the rest (shape, count, size, layout);
+    the others are random. Batch order shuffled."""
+    n = len(groups)
+    order = torch.randperm(n, generator=gen)
+    k = int(round(hard * n))
+    if k:
+        grouped = order[:k][torch.argsort(groups[order[:k]], stable=True)]
+        order = torch.cat([grouped, order[k:]])
+    steps = n // batch_size
+    cut = order[:steps * batch_size].view(steps, batch_size)
+    return cut[torch.randperm(steps, generator=gen)]
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -337,7 +372,7 @@ def _train_locked(ds: Dataset, spec: RunSpec, cfg: ClipTrainConfig, seed: int, r
     use_bf16 = bool(cfg.bf16) and bf16_available()
 
     def batches(gen: torch.Generator) -> list[Tensor]:
-        order = torch.randperm(n, generator=gen)[:per_epoch * cfg.batch_size].view(per_epoch, cfg.batch_size)
+        order = epoch_batches(train.image_group, cfg.batch_size, cfg.hard_negatives, gen)
         counts = (train.offsets[1:] - train.offsets[:-1])[order]
         pick = (torch.rand(order.shape, generator=gen) * counts).long()  # one caption per image, at random
         return list(train.offsets[order] + pick)
@@ -376,7 +411,6 @@ def _train_locked(ds: Dataset, spec: RunSpec, cfg: ClipTrainConfig, seed: int, r
     result.update(summary)
     result.update(pretrained=str(out / PRETRAINED_DIR), load_seconds=round(load_seconds, 2), bf16=use_bf16,
                   train_images=n, seconds=round(time.perf_counter() - t_start, 3))
-    write_json(out / "summary.json", {k: v for k, v in result.items() if k != "curve"})
     return result
 
 
