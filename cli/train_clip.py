@@ -19,12 +19,12 @@ def train_clip_command(
     run: Annotated[str, typer.Option("--run", help="Run name: the run folder is <cache>/<corpus>/runs/clip/<run>/, "
                                      "its model in pretrained/ (what `refground extract --clip builtin:<run>` "
                                      "reads).")] = "default",
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 24).",
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs (default 34).",
                                                   show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Image-caption pairs per step, each "
                                                       "the others' negatives (default 64).",
                                                       show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak AdamW learning rate (default 0.001).",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak AdamW learning rate (default 0.0015).",
                                                 show_default=False)] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="JSON file of ClipTrainConfig fields "
                                                         "(e.g. a run's config.json); the options above override "
@@ -51,6 +51,11 @@ def train_clip_command(
     config = config_of(ClipTrainConfig.from_dict, {**base, **overrides}, str(config_file or "CLIP config"))
     ds_dir = dataset_dir(dataset, cache)
     out_dir = ds_dir.parent / "runs" / "clip" / local_run_name(run, "clip", dataset)
+    if not (ds_dir / "manifest.json").is_file():
+        from refground.errors import ArtifactError
+
+        named = "" if dataset == "web" else f" --dataset {dataset}"
+        raise ArtifactError(f"{ds_dir}: no corpus here; make one with `refground data synth --preset web{named}`")
     ds = load_dataset(ds_dir)
     with use_threads(parse_threads(threads)):
         result = train_clip(ds, out_dir, config, seed=seed, resume=resume, force=force, dataset_dir=ds_dir)

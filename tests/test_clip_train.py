@@ -165,3 +165,42 @@ def test_builtin_clip_spec_resolves_to_the_run(corpus: tuple[Path, object]) -> N
     assert emb.shape == (2, TINY.projection_dim) and torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
     with pytest.raises(ArtifactError, match="refground train clip --run nope"):
         resolve("builtin:nope", "clip", root / "synth" / "runs")
+
+
+def test_train_clip_cli(corpus: tuple[Path, object], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import fail, run_json
+
+    root, _ = corpus
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY.to_dict()))
+    js = run_json(capsys, "train", "clip", "--cache", str(root), "--config", str(cfg), "--run", "cli", "--seed", "1")
+    assert js["dataset"] == "web" and js["name"] == "cli" and not js["cache_hit"]
+    assert Path(js["pretrained"]) == root / "web" / "runs" / "clip" / "cli" / PRETRAINED_DIR
+    assert set(js["metrics"]) >= {"text_to_image@1", "image_to_text@10", "recall@1", "temperature"}
+    assert run_json(capsys, "train", "clip", "--cache", str(root), "--config", str(cfg), "--run", "cli",
+                    "--seed", "1")["cache_hit"]
+    assert "--preset web" in fail(capsys, "train", "clip", "--cache", str(tmp_path / "empty"))
+    assert "--force" in fail(capsys, "train", "clip", "--cache", str(root), "--config", str(cfg), "--run", "cli",
+                             "--seed", "2")
+    assert "--batch-size" in fail(capsys, "train", "clip", "--cache", str(root), "--batch-size", "0")
+
+
+def test_text_groups_and_hard_negative_batches() -> None:
+    from refground.features.clip_train import GROUP_WORDS, epoch_batches, text_groups
+
+    texts = ["a red star", "Blue circles and a red heart", "photo of a shape", "greenish thing", "pink-ish icon"]
+    expect = []
+    for t in texts:  # the first colour word in reading order, whole words only
+        words = [w for w in t.lower().replace("-", " ").split() if w in GROUP_WORDS]
+        expect.append(GROUP_WORDS.index(words[0]) if words else len(GROUP_WORDS))
+    assert text_groups(texts).tolist() == expect
+    groups = torch.tensor([k % 3 for k in range(96)])
+    for hard in (0.0, 0.5, 1.0):
+        b = epoch_batches(groups, 8, hard, torch.Generator().manual_seed(0))
+        assert b.shape == (12, 8) and len(set(b.flatten().tolist())) == 96
+        pure = sum(len(set(groups[row].tolist())) == 1 for row in b)
+        assert pure >= int(hard * 12) - 2  # grouped rows hold one group (a few straddle a group boundary)
+        if hard == 0.0:
+            assert pure <= 2
+        again = epoch_batches(groups, 8, hard, torch.Generator().manual_seed(0))
+        assert torch.equal(b, again)

@@ -61,17 +61,17 @@ class ClipTrainConfig:
 
     image_size: int = 48
     patch_size: int = 6
-    vision_width: int = 128
+    vision_width: int = 96
     vision_layers: int = 4
     vision_heads: int = 4
-    text_width: int = 128
+    text_width: int = 96
     text_layers: int = 2
     text_heads: int = 4
     context_length: int = 20
     projection_dim: int = 128
-    epochs: int = 24
+    epochs: int = 34
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.1
     warmup_steps: int = 300
     min_word_count: int = 2
