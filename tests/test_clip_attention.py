@@ -386,8 +386,12 @@ def test_maps_at_image_size(hfclip):
     ims = [square, square2, tall, wide]
     maps = CA.query_attention_maps(hfclip, ims, texts)
     assert [tuple(m.shape) for m in maps] == [(32, 32), (64, 64), (48, 32), (32, 56)]
+    weighted, vanilla = CA.query_attention_map_pairs(hfclip, ims, texts)
+    plain = CA.query_attention_maps(hfclip, ims, texts, weighted=False)
+    assert all(torch.equal(a, b) for a, b in zip(weighted, maps))
+    assert all(torch.equal(a, b) for a, b in zip(vanilla, plain)) and len(vanilla) == len(plain) == 4
     pixels = hfclip._pixels(ims)
-    tok = CA._tokens(hfclip, texts)
+    tok = hfclip.tokens(texts)
     att, grad, _ = CA.cls_attention_and_grad(hfclip.model, pixels, **tok)
     # Square images: the map is the grid upsampled to the image, min-max normalised.
     torch.testing.assert_close(maps[0], CA.query_attention_map(att[:1], grad[:1], (4, 4), (32, 32))[0])

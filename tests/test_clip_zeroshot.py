@@ -78,7 +78,7 @@ def test_pointing_counts_maxima_inside_the_box(monkeypatch: pytest.MonkeyPatch, 
     exprs = ds.queries("val", "expression")[:6]
 
     def maps(inside: bool):
-        def fn(clip, images, texts, weighted=True):
+        def one(images):
             out = []
             for q, im in zip(exprs_now, images):
                 m = torch.zeros(im.shape[:2])
@@ -91,6 +91,9 @@ def test_pointing_counts_maxima_inside_the_box(monkeypatch: pytest.MonkeyPatch, 
                     m[cy, cx] = 1
                 out.append(m)
             return out
+
+        def fn(clip, images, texts):
+            return one(images), one(images)
         return fn
 
     exprs_now = exprs

@@ -15,7 +15,7 @@ For an image ``I`` and a query ``Q``:
 Pieces: :func:`cls_attention_and_grad` (one image-text pair per row) and
 :func:`cls_attention_and_grad_texts` (one image, several texts: one vision pass);
 :func:`query_attention_map` (eqs. 4-5 on the patch grid, optional upsampling); :func:`query_attention_maps`
-/ :func:`image_query_attention_maps` (raw images and texts through an
+/ :func:`query_attention_map_pairs` / :func:`image_query_attention_maps` (raw images and texts through an
 :class:`~refground.features.hf.HFClip`, maps at each image's own size); :func:`box_from_map` (``P_t``);
 :func:`processor_grid` and :func:`processor_window` (geometry).
 
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from refground.errors import UsageError
-from refground.features.hf import HFClip, _check_images, _quiet
+from refground.features.hf import HFClip, _check_images
 
 DEFAULT_THRESHOLD = 0.7  # Thr_a of box_from_map when not given
 
@@ -299,12 +299,25 @@ def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, f
 # ------------------------------------------------------------------------------- raw images + texts
 
 
-def _tokens(clip: HFClip, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Token ids and mask of ``texts`` exactly as :meth:`HFClip.embed_texts` makes them."""
-    with _quiet():
-        tok = clip.processor.tokenizer(list(texts), padding=clip._padding, truncation=True,
-                                       max_length=clip.max_length, return_tensors="pt")
-    return {k: v.to(clip.device) for k, v in tok.items() if k in ("input_ids", "attention_mask")}
+def _maps(clip: HFClip, images: Sequence[np.ndarray], texts: Sequence[str],
+          modes: tuple[bool, ...]) -> list[list[torch.Tensor]]:
+    """Per mode (True: query-aware, False: vanilla) the maps of every (image, text) pair, all from one
+    forward and backward pass per batch (see :func:`query_attention_maps`)."""
+    if len(images) != len(texts):
+        raise UsageError(f"query_attention_maps pairs images and texts: {len(images)} images, {len(texts)} texts")
+    _check_images(images)
+    model, patch = clip.model, _patch(clip.model)
+    out: list[list[torch.Tensor]] = [[] for _ in modes]
+    for k in range(0, len(images), clip.batch_size):
+        ims, txt = list(images[k:k + clip.batch_size]), list(texts[k:k + clip.batch_size])
+        pixels = clip._pixels(ims)
+        att, grad, _ = cls_attention_and_grad(model, pixels, **clip.tokens(txt))
+        grid = int(pixels.shape[-2]) // patch, int(pixels.shape[-1]) // patch
+        windows = [processor_window(clip.processor.image_processor, *im.shape[:2]) for im in ims]
+        for maps, weighted in zip(out, modes):
+            a = head_mean(att, grad, weighted).view(-1, *grid).cpu()
+            maps.extend(grid_to_image(ab, im.shape[:2], w) for im, ab, w in zip(ims, a, windows))
+    return out
 
 
 def query_attention_maps(clip: HFClip, images: Sequence[np.ndarray], texts: Sequence[str],
@@ -315,21 +328,15 @@ def query_attention_maps(clip: HFClip, images: Sequence[np.ndarray], texts: Sequ
     float32 CPU in [0, 1] (:func:`grid_to_image`: min-max over the part the processor's centre crop keeps, 0
     outside it). ``weighted=False``: the vanilla visual attention map (the texts are still encoded, unused
     by the map). Batched by ``clip.batch_size`` pairs; tokenised as :meth:`HFClip.embed_texts` does."""
-    if len(images) != len(texts):
-        raise UsageError(f"query_attention_maps pairs images and texts: {len(images)} images, {len(texts)} texts")
-    _check_images(images)
-    model, patch = clip.model, _patch(clip.model)
-    out: list[torch.Tensor] = []
-    for k in range(0, len(images), clip.batch_size):
-        ims, txt = list(images[k:k + clip.batch_size]), list(texts[k:k + clip.batch_size])
-        pixels = clip._pixels(ims)
-        att, grad, _ = cls_attention_and_grad(model, pixels, **_tokens(clip, txt))
-        grid = int(pixels.shape[-2]) // patch, int(pixels.shape[-1]) // patch
-        a = head_mean(att, grad, weighted).view(-1, *grid).cpu()
-        for im, ab in zip(ims, a):
-            hw = im.shape[:2]
-            out.append(grid_to_image(ab, hw, processor_window(clip.processor.image_processor, *hw)))
-    return out
+    return _maps(clip, images, texts, (weighted,))[0]
+
+
+def query_attention_map_pairs(clip: HFClip, images: Sequence[np.ndarray], texts: Sequence[str]
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(query-aware maps, vanilla maps) of :func:`query_attention_maps`, both from the same passes (half the
+    work of asking for each)."""
+    weighted, vanilla = _maps(clip, images, texts, (True, False))
+    return weighted, vanilla
 
 
 def image_query_attention_maps(clip: HFClip, image: np.ndarray, texts: Sequence[str],
@@ -346,7 +353,7 @@ def image_query_attention_maps(clip: HFClip, image: np.ndarray, texts: Sequence[
     window = processor_window(clip.processor.image_processor, hh, ww)
     maps = []
     for k in range(0, len(texts), clip.batch_size):
-        att, grad, _ = cls_attention_and_grad_texts(model, pixels, **_tokens(clip, texts[k:k + clip.batch_size]))
+        att, grad, _ = cls_attention_and_grad_texts(model, pixels, **clip.tokens(texts[k:k + clip.batch_size]))
         a = head_mean(att.expand_as(grad), grad, weighted).view(-1, *grid).cpu()
         maps.extend(grid_to_image(ab, (hh, ww), window) for ab in a)
     return torch.stack(maps)

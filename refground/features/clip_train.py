@@ -429,27 +429,6 @@ def save_pretrained(model: Any, tokenizer: Any, processor: Any, folder: Path) ->
     return folder
 
 
-def random_clip_folder(folder: Path, config: ClipTrainConfig, words: list[str], seed: int = 0) -> Path:
-    """An untrained built-in CLIP (random weights, a tokenizer of ``words``) saved like a trained one: what the
-    tests use to exercise the real loading path without training."""
-    from transformers import CLIPModel
-
-    from refground.features.clip_tokenizer import build_clip_tokenizer
-
-    folder = Path(folder)
-    tokenizer = build_clip_tokenizer(folder.with_name(folder.name + ".tokenizer"), words, config.context_length)
-    bos, eos = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
-    torch.manual_seed(seed)
-    model = CLIPModel(clip_model_config(config, len(tokenizer), bos, eos))
-    return save_pretrained(model, tokenizer, image_processor(config), folder)
-
-
-def corpus_summary(corpus: Corpus) -> dict[str, Any]:
-    """Counts of a loaded corpus split (images, captions, distinct caption texts)."""
-    return {"images": corpus.num_images, "captions": int(len(corpus.input_ids)),
-            "distinct_captions": int(np.unique(corpus.caption_key.numpy()).size)}
-
-
 __all__ = ["ClipTrainConfig", "Corpus", "PRETRAINED_DIR", "caption_texts", "clip_model_config", "contrastive_loss",
-           "embed_corpus", "image_processor", "load_corpus", "normalise", "random_clip_folder", "retrieval_recall",
+           "embed_corpus", "image_processor", "load_corpus", "normalise", "retrieval_recall",
            "run_spec", "save_pretrained", "train_clip"]

@@ -64,7 +64,7 @@ def zero_shot(ds: Dataset, clip: Any, split: str = "val", max_images: int | None
     """The zero-shot figures of the module docstring for ``clip`` (a ClipEncoder with ``model``/``processor``,
     e.g. :class:`~refground.features.hf.HFClip`) on ``split`` of ``ds`` (the first ``max_images`` images of it
     where given). Returns a JSON-able dict."""
-    from refground.features.clip_attention import query_attention_maps
+    from refground.features.clip_attention import query_attention_map_pairs
     from refground.features.detector_train import load_images
     from refground.features.extract import clip_crop
 
@@ -139,7 +139,7 @@ def zero_shot(ds: Dataset, clip: Any, split: str = "val", max_images: int | None
             chance.append(1.0 / n)
             kinds.append(q.kind)
         out["query_to_region"] = _per_kind(np.asarray(hit), np.asarray(chance), kinds)
-        out["attention_pointing"] = _pointing(ds, clip, exprs, query_attention_maps, attention_batch)
+        out["attention_pointing"] = _pointing(ds, clip, exprs, query_attention_map_pairs, attention_batch)
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out
 
@@ -160,7 +160,8 @@ def _argmax_point(m: torch.Tensor) -> tuple[float, float]:
 
 def _pointing(ds: Dataset, clip: Any, exprs: Sequence[Any], maps_fn: Any, batch: int) -> dict[str, Any]:
     """Share of expressions whose gradient-weighted [CLS] attention map (and, apart, the vanilla map) peaks
-    inside the referent's box, per kind, with the uniform-point chance (box area / image area)."""
+    inside the referent's box, per kind, with the uniform-point chance (box area / image area). ``maps_fn(clip,
+    images, texts)`` gives (weighted maps, vanilla maps)."""
     from refground.features.detector_train import load_images
 
     hits = {"weighted": [], "vanilla": []}
@@ -170,8 +171,8 @@ def _pointing(ds: Dataset, clip: Any, exprs: Sequence[Any], maps_fn: Any, batch:
         part = exprs[a:a + batch]
         images = load_images(ds, [q.image_id for q in part])
         texts = [q.text for q in part]
-        for name, weighted in (("weighted", True), ("vanilla", False)):
-            for q, m in zip(part, maps_fn(clip, images, texts, weighted=weighted)):
+        for name, maps in zip(("weighted", "vanilla"), maps_fn(clip, images, texts)):
+            for q, m in zip(part, maps):
                 x, y = _argmax_point(m)
                 b = ds.object_boxes[ds.object_row(q.referent_object_id)]
                 hits[name].append(b[0] <= x <= b[2] and b[1] <= y <= b[3])
@@ -252,7 +253,7 @@ def report_clip(dataset: str, cache: Path | None, clip_spec: str = "builtin", sp
 def attention_figure(ds: Dataset, clip: Any, split: str, path: Path, n: int = 8) -> Path | None:
     """A PNG of ``n`` category expressions of ``split``: the image with the referent box, the vanilla and the
     gradient-weighted [CLS] attention maps with their maxima."""
-    from refground.features.clip_attention import query_attention_maps
+    from refground.features.clip_attention import query_attention_map_pairs
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -267,8 +268,7 @@ def attention_figure(ds: Dataset, clip: Any, split: str, path: Path, n: int = 8)
         return None
     images = load_images(ds, [q.image_id for q in exprs])
     texts = [q.text for q in exprs]
-    weighted = query_attention_maps(clip, images, texts, weighted=True)
-    vanilla = query_attention_maps(clip, images, texts, weighted=False)
+    weighted, vanilla = query_attention_map_pairs(clip, images, texts)
     fig = Figure(figsize=(7.5, 2.6 * len(exprs)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(exprs), 3, squeeze=False)

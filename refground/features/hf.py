@@ -543,14 +543,19 @@ class HFClip(_Identity):
             parts.append(F.normalize(emb.float(), dim=-1).cpu())
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
+    def tokens(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` (and ``attention_mask`` where the tokenizer makes one) of ``texts`` on the model's
+        device: padded per call (SigLIP: to ``max_length``), truncated to the text model's positions."""
+        with _quiet():
+            tok = self.processor.tokenizer(list(texts), padding=self._padding, truncation=True,
+                                           max_length=self.max_length, return_tensors="pt")
+        return {key: v.to(self.device) for key, v in tok.items() if key in ("input_ids", "attention_mask")}
+
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
         """Tensor[B, embed_dim] float32, L2-normalised."""
         parts = [torch.zeros(0, getattr(self, "embed_dim", 0))]
         for k in range(0, len(texts), self.batch_size):
-            with _quiet():
-                tok = self.processor.tokenizer(list(texts[k:k + self.batch_size]), padding=self._padding,
-                                               truncation=True, max_length=self.max_length, return_tensors="pt")
-            tok = {key: v.to(self.device) for key, v in tok.items() if key in ("input_ids", "attention_mask")}
+            tok = self.tokens(texts[k:k + self.batch_size])
             with torch.no_grad():
                 emb = _pooled(self.model.get_text_features(**tok))
             parts.append(F.normalize(emb.float(), dim=-1).cpu())

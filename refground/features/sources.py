@@ -52,23 +52,26 @@ class SourceSpec:
         return self._model
 
 
-def _builtin(rest: str, runs_dir: Path) -> tuple[Path, str]:
-    """The run folder of ``builtin[:NAME | :DATASET/NAME | :PATH]`` (:func:`refground.runs.resolve_run`) and
-    the artifact name it gives: ``detector-NAME`` for this dataset's run or a run folder, ``detector-DATASET.NAME``
-    for another dataset's (two datasets' runs of one name never share a features artifact)."""
+def _builtin(rest: str, runs_dir: Path, method: str = "detector", dataset: str | None = None,
+             files: tuple[str, ...] = RUN_FILES, what: str = "detector") -> tuple[Path, str]:
+    """The run folder of ``builtin[:NAME | :DATASET/NAME | :PATH]`` (:func:`refground.runs.resolve_run`) of
+    ``method``, seen from ``dataset`` (default: the dataset of ``runs_dir``), checked to hold ``files`` and a
+    complete manifest, and the artifact name it gives: ``<method>-NAME`` for that dataset's run or a run
+    folder, ``<method>-DATASET.NAME`` for another dataset's (two datasets' runs of one name never share an
+    artifact). ``what`` names the model in the error."""
     from refground.runs import is_path_spec, resolve_run
 
-    ref = resolve_run(rest or "default", "detector", runs_dir.parent.name, runs_dir.parent.parent)
+    ref = resolve_run(rest or "default", method, dataset or runs_dir.parent.name, runs_dir.parent.parent)
     run = ref.path
     remedy = ref.train_command()
     if ref.local and ref.name == "default":
-        remedy = "refground train detector"
-    if not all((run / f).is_file() for f in RUN_FILES):
-        raise ArtifactError(f"{run}: no trained built-in detector here; run `{remedy}`")
+        remedy = f"refground train {method}"
+    if not all((run / f).is_file() for f in files):
+        raise ArtifactError(f"{run}: no trained built-in {what} here; run `{remedy}`")
     # An interrupted training run has the weights of its last finished epoch but no complete manifest.
     require(run, remedy)
     # A folder keeps the name it always had (its fingerprint tells two folders of one name apart).
-    return run, f"detector-{run.name if is_path_spec(rest or 'default') else ref.tag}"
+    return run, f"{method}-{run.name if is_path_spec(rest or 'default') else ref.tag}"
 
 
 def _builtin_clip(spec: str, rest: str, runs_dir: Path) -> SourceSpec:
@@ -77,16 +80,9 @@ def _builtin_clip(spec: str, rest: str, runs_dir: Path) -> SourceSpec:
     ``hf:PATH`` (its ``pretrained/`` folder). Artifact name ``clip-NAME`` (``clip-DATASET.NAME`` for a corpus
     other than ``web``, the folder's name for a path)."""
     from refground.features.clip_train import CORPUS, PRETRAINED_DIR
-    from refground.runs import is_path_spec, resolve_run
 
-    ref = resolve_run(rest or "default", "clip", CORPUS, runs_dir.parent.parent)
-    run = ref.path
-    remedy = ref.train_command() if not ref.local or ref.name != "default" else "refground train clip"
+    run, name = _builtin(rest, runs_dir, "clip", CORPUS, (f"{PRETRAINED_DIR}/config.json",), "CLIP")
     folder = run / PRETRAINED_DIR
-    if not (folder / "config.json").is_file():
-        raise ArtifactError(f"{run}: no trained built-in CLIP here; run `{remedy}`")
-    require(run, remedy)  # an interrupted run has no complete manifest
-    name = f"clip-{run.name if is_path_spec(rest or 'default') else ref.tag}"
 
     def load_builtin(ds: Any) -> Any:
         from refground.features import hf

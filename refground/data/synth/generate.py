@@ -13,7 +13,7 @@ import contextlib
 import math
 import multiprocessing as mp
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,15 +126,25 @@ def _image_results(seed: int, splits: list[str], image_size: int, image_dir: str
     n = len(splits)
     tasks = [(seed, list(range(a, min(n, a + CHUNK))), splits[a:a + CHUNK], image_size, image_dir)
              for a in range(0, n, CHUNK)]
+    with chunk_results(_chunk, tasks, workers) as results:
+        yield results
+
+
+@contextlib.contextmanager
+def chunk_results(chunk: Callable[[Any], list[dict[str, Any]]], tasks: list[Any], workers: int
+                  ) -> Iterator[Iterator[dict[str, Any]]]:
+    """Yields an iterator over ``chunk(task)``'s results, task after task in order, computed by ``workers``
+    processes (in this process when one worker, or one task, suffices). ``chunk`` must be a module-level
+    function (the workers import it)."""
     if workers <= 1 or len(tasks) <= 1:
-        yield (r for t in tasks for r in _chunk(t))
+        yield (r for t in tasks for r in chunk(t))
         return
     # fork where the platform has it: workers start at once and need no importable __main__ (spawn
     # re-runs the parent's main module, which fails for stdin scripts and notebooks). The pool is made
     # before any progress display starts its thread; the workers use numpy, zlib and pycocotools only.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(min(workers, len(tasks))) as pool:
-        yield (r for part in pool.imap(_chunk, tasks) for r in part)
+        yield (r for part in pool.imap(chunk, tasks) for r in part)
 
 
 def generate_dataset(name: str = "synth", num_images: int = 5000, seed: int = 0, image_size: int = 256,

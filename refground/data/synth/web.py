@@ -19,7 +19,6 @@ to the objects it names).
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +30,7 @@ from refground.data.model import Dataset, Image, Object, Query
 from refground.data.stats import dataset_stats
 from refground.data.store import dataset_writer, finish_dataset, is_complete_with, load_dataset
 from refground.data.synth.generate import (CHUNK, COMMAND, DEFAULT_FRACTIONS, _pack, _query, check_params,
-                                           default_workers, image_file)
+                                           chunk_results, default_workers, image_file)
 from refground.data.synth.render import WEB_BACKGROUNDS, render_web, save_png
 from refground.data.synth.web_language import (BACKGROUND_PHRASES, CAPTION_KIND, LAYOUT_PHRASES, PREFIXES,
                                                SUFFIXES, WEB_COUNT_WORDS, WEB_MARKERS, WEB_RELATION_WORDS,
@@ -89,16 +88,11 @@ def _chunk(args: tuple) -> list[dict[str, Any]]:
 def _image_results(seed: int, num_images: int, image_size: int, image_dir: str | None, workers: int
                    ) -> Iterator[Iterator[dict[str, Any]]]:
     """Yields an iterator over the images' results in index order, computed by ``workers`` processes in
-    chunks of ``CHUNK`` images (the world's pattern: fork where the platform has it, the pool made before any
-    progress display starts its thread; in this process when one worker suffices)."""
+    chunks of ``CHUNK`` images (:func:`~refground.data.synth.generate.chunk_results`, as the world's)."""
     tasks = [(seed, list(range(a, min(num_images, a + CHUNK))), image_size, image_dir)
              for a in range(0, num_images, CHUNK)]
-    if workers <= 1 or len(tasks) <= 1:
-        yield (r for t in tasks for r in _chunk(t))
-        return
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(min(workers, len(tasks))) as pool:
-        yield (r for part in pool.imap(_chunk, tasks) for r in part)
+    with chunk_results(_chunk, tasks, workers) as results:
+        yield results
 
 
 def web_vocabulary() -> dict[str, Any]:
