@@ -10,7 +10,7 @@ import typer
 from refground.bench import list_benchmarks, run_benchmarks
 from refground.cli.apps import app
 from refground.cli.console import emit, info, table
-from refground.cli.options import CacheOpt, JsonOpt, OutOpt, SeedOpt
+from refground.cli.options import CacheOpt, DatasetOpt, JsonOpt, OutOpt, SeedOpt
 from refground.data.store import cache_root
 from refground.tables import FLOAT, RATIO, TEXT, format_value, unit_kind
 
@@ -23,14 +23,20 @@ def bench(
     seed: SeedOpt = 0,
     out: OutOpt = None,
     cache: CacheOpt = None,
+    dataset: DatasetOpt = "synth",
+    queries: Annotated[Optional[int], typer.Option("--queries", help="Queries timed by the benchmarks that read a "
+                                                   "cached dataset (bicm: default 50, 5 with --quick).",
+                                                   show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure our implementations against simple baselines, side by side in one run."""
+    """Measure our implementations against simple baselines, side by side in one run. Benchmarks that read a
+    cached dataset (bicm: --dataset in --cache, which must hold its CLIP artifact) run only when named."""
     if list_:
         for n in list_benchmarks():
             print(n)
         return
-    results = run_benchmarks(list(names or []), quick=quick, seed=seed)
+    results = run_benchmarks(list(names or []), quick=quick, seed=seed,
+                             options={"dataset": dataset, "cache": cache, "queries": queries})
     payload = {"quick": quick, "seed": seed, "machine": platform.machine(), "python": platform.python_version(),
                "results": [r.as_dict() for r in results]}
     # A row's figure and baseline are in its own unit: formatted here, by that unit's kind.

@@ -183,22 +183,26 @@ def train_command(m: Method) -> Callable[..., None]:
 
 # ------------------------------------------------------------------------------------------------ report
 def report_command(m: Method) -> Callable[..., None]:
-    def body(dataset: str, cache: Path | None, out: Path | None, as_json: bool, **options: Any) -> None:
+    def body(dataset: str, cache: Path | None, out: Path | None, threads: str, as_json: bool, **options: Any) -> None:
         if out is not None:  # markdown only, and never over a file of another kind (a model.pt, say)
             check_out_file(out, ours=lambda p: p.suffix.lower() == ".md", suffixes=(".md",))
-        res = m.report(dataset, cache, out, **method_kwargs(m, "report_options", options))
+        with use_threads(parse_threads(threads)):
+            res = m.report(dataset, cache, out, **method_kwargs(m, "report_options", options))
         emit(res["json"], as_json, render(res["tables"]), Path(res["markdown_path"]).with_suffix(".json"))
 
     params = [param("dataset", DatasetOpt, "synth"), param("cache", CacheOpt, None), param("out", OutOpt, None),
-              *(option_param(o) for o in m.report_options), param("as_json", JsonOpt, False)]
+              *(option_param(o) for o in m.report_options), param("threads", ThreadsOpt, "auto"),
+              param("as_json", JsonOpt, False)]
     return command(params, body, f"{m.name}'s tables on a dataset (markdown to --out, the figures as JSON beside "
                    f"it, PNGs where it has them). Paper: {m.paper}.")
 
 
 # ------------------------------------------------------------------------------------------------ pseudo
 def pseudo_command(m: Method) -> Callable[..., None]:
-    def body(dataset: str, cache: Path | None, seed: int, force: bool, as_json: bool, **options: Any) -> None:
-        res = m.pseudo(dataset, cache, seed=seed, force=force, **method_kwargs(m, "pseudo_options", options))
+    def body(dataset: str, cache: Path | None, seed: int, force: bool, threads: str, as_json: bool,
+             **options: Any) -> None:
+        with use_threads(parse_threads(threads)):
+            res = m.pseudo(dataset, cache, seed=seed, force=force, **method_kwargs(m, "pseudo_options", options))
         if res.get("status") == "hit":
             info(f"{res['path']}: complete and current; skipping (use --force to rebuild)")
         if res.get("note"):
@@ -207,7 +211,7 @@ def pseudo_command(m: Method) -> Callable[..., None]:
 
     params = [param("dataset", DatasetOpt, "synth"), param("cache", CacheOpt, None),
               *(option_param(o) for o in m.pseudo_options), param("force", ForceOpt, False), param("seed", SeedOpt, 0),
-              param("as_json", JsonOpt, False)]
+              param("threads", ThreadsOpt, "auto"), param("as_json", JsonOpt, False)]
     return command(params, body, f"{m.name}'s pseudo ground truth, with its precision and recall. "
                    f"Paper: {m.paper}.")
 
@@ -216,6 +220,7 @@ def method_groups() -> dict[str, typer.Typer]:
     """The ``train``, ``report`` and ``pseudo`` groups with a command per registered method (``train`` also
     gets ``detector`` and ``clip``: the built-in models are no methods but train through the same loop)."""
     from refground.cli.report_clip import report_clip_command
+    from refground.cli.report_supervision import report_supervision_command
     from refground.cli.train_clip import train_clip_command
     from refground.cli.train_detector import train_detector_command
 
@@ -224,14 +229,16 @@ def method_groups() -> dict[str, typer.Typer]:
     train.command("detector")(train_detector_command)
     train.command("clip")(train_clip_command)
     report = typer.Typer(help=f"A method's tables: {method_help(list_methods('report'))}; clip: the built-in "
-                         "CLIP's zero-shot figures.", no_args_is_help=True)
+                         "CLIP's zero-shot figures; supervision: the methods side by side by supervision level.",
+                         no_args_is_help=True)
     report.command("clip")(report_clip_command)
+    report.command("supervision")(report_supervision_command)
     pseudo = typer.Typer(help=f"A method's pseudo ground truth: {method_help(list_methods('pseudo'))}.",
                          no_args_is_help=True)
     for m in list_methods():
         if m.train:
             train.command(m.name)(train_command(m))
-        if m.report:
+        if m.report and m.name not in ("clip", "supervision"):  # the built-in reports keep their names
             report.command(m.name)(report_command(m))
         if m.pseudo:
             pseudo.command(m.name)(pseudo_command(m))

@@ -29,6 +29,8 @@ __all__ = [
     "box_centers",
     "box_convert",
     "box_inter_union",
+    "box_map_mean",
+    "box_pixel_windows",
     "box_iou",
     "fused_nms",
     "clip_boxes_to_image",
@@ -561,6 +563,42 @@ def spatial_feature(boxes: Tensor, image_size: Tensor | Sequence[float]) -> Tens
     cx = (boxes[..., 0:1] + boxes[..., 2:3]) / (2 * w)
     cy = (boxes[..., 1:2] + boxes[..., 3:4]) / (2 * h)
     return torch.cat([cx, cy, bw, bh, bw * bh], dim=-1)
+
+
+def box_pixel_windows(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """The pixels a box covers, as integer windows: Tensor[N, 4] int64 ``[c1, r1, c2, r2]`` (end exclusive),
+    pixel (r, c) inside box ``[x1, y1, x2, y2]`` when its centre (c + 0.5, r + 0.5) is, clipped to the image of
+    ``size`` (H, W). Per axis, a box that spans no pixel centre gets the one row (column) nearest its centre, so
+    a mean over it is defined (a zero-height box keeps its columns on one row). boxes: Tensor[N, 4] xyxy pixels."""
+    _check_boxes(boxes)
+    hh, ww = int(size[0]), int(size[1])
+    b = _float(boxes).to(torch.float64)
+    c1 = torch.ceil(b[:, 0] - 0.5).clamp(0, ww)
+    r1 = torch.ceil(b[:, 1] - 0.5).clamp(0, hh)
+    c2 = torch.ceil(b[:, 2] - 0.5).clamp(0, ww)
+    r2 = torch.ceil(b[:, 3] - 0.5).clamp(0, hh)
+    cx = torch.floor((b[:, 0] + b[:, 2]) / 2).clamp(0, ww - 1)
+    cy = torch.floor((b[:, 1] + b[:, 3]) / 2).clamp(0, hh - 1)
+    empty_c, empty_r = c2 <= c1, r2 <= r1
+    c1, c2 = torch.where(empty_c, cx, c1), torch.where(empty_c, cx + 1, c2)
+    r1, r2 = torch.where(empty_r, cy, r1), torch.where(empty_r, cy + 1, r2)
+    return torch.stack([c1, r1, c2, r2], 1).long()
+
+
+def box_map_mean(value_map: Tensor, boxes: Tensor) -> Tensor:
+    """The mean of ``value_map`` over the pixels of each box (BiCM's S^TD, eq. 9), from one summed-area table.
+
+    value_map: Tensor[H, W]; boxes: Tensor[N, 4] xyxy pixels (the pixels of :func:`box_pixel_windows`).
+    Returns Tensor[N] float64 (a summed-area table in float32 loses the small differences of a 256 x 256 map)."""
+    if value_map.ndim != 2:
+        raise ValueError(f"value_map must be [H, W], got {tuple(value_map.shape)}")
+    hh, ww = value_map.shape
+    win = box_pixel_windows(boxes, (hh, ww))
+    sat = torch.zeros(hh + 1, ww + 1, dtype=torch.float64, device=value_map.device)
+    sat[1:, 1:] = value_map.to(torch.float64).cumsum(0).cumsum(1)
+    c1, r1, c2, r2 = win.unbind(1)
+    total = sat[r2, c2] - sat[r1, c2] - sat[r2, c1] + sat[r1, c1]
+    return total / ((r2 - r1) * (c2 - c1)).to(torch.float64)
 
 
 # -------------------------------------------------------------------------------------------- RoIAlign

@@ -5,9 +5,11 @@ Everything returns a PIL image; the CLI decides where it goes.
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -191,3 +193,44 @@ def _colour_bar(width: int, height: int = 10) -> PILImage.Image:
     return PILImage.fromarray(np.repeat(ramp[None], height, axis=0))
 
 
+# ------------------------------------------------------------------- drawing helpers shared by the methods' figures
+
+
+def text_width(font: Any, text: str) -> float:
+    """Drawn width of ``text`` in ``font``, pixels."""
+    try:
+        return float(font.getlength(text))
+    except AttributeError:  # a bitmap font without getlength: about 6 pixels a character
+        return 6.0 * len(text)
+
+
+def wrap(text: str, font: Any, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels in ``font`` (a longer word stays
+    whole on its own line)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if line and text_width(font, trial) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line] if line else lines
+
+
+def dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], colour: tuple[int, int, int], width: int = 1,
+                     dash: float = 6.0, gap: float = 4.0) -> None:
+    """Outline ``box`` (x1, y1, x2, y2 in drawn pixels) with dashes of ``dash`` pixels and ``gap`` pixels between
+    (PIL draws only solid outlines)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    for ax, ay, bx, by in ((x1, y1, x2, y1), (x2, y1, x2, y2), (x2, y2, x1, y2), (x1, y2, x1, y1)):
+        length = math.hypot(bx - ax, by - ay)
+        if length == 0:
+            continue
+        ux, uy = (bx - ax) / length, (by - ay) / length
+        t = 0.0
+        while t < length:
+            e = min(t + dash, length)
+            draw.line([ax + ux * t, ay + uy * t, ax + ux * e, ay + uy * e], fill=colour, width=width)
+            t = e + gap

@@ -1,13 +1,16 @@
 """Benchmark registry: ``refground bench`` runs registered benchmarks and reports measured ratios.
 
 A benchmark is a function ``fn(quick: bool, seed: int) -> list[BenchResult]`` registered with
-:func:`register`. It measures our implementation and its baseline side by side in the same run (these
-machines are noisy), so the ratio is meaningful even when the absolute figures drift.
+:func:`register`; one that reads a cached dataset also takes the command's ``dataset`` / ``cache`` / ``queries``
+as keywords and is registered ``on_demand`` (run when named, not by a bare ``refground bench``). It measures
+our implementation and its baseline side by side in the same run (these machines are noisy), so the ratio is
+meaningful even when the absolute figures drift.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -33,6 +36,7 @@ class BenchResult:
 
 BenchFn = Callable[[bool, int], list[BenchResult]]
 _REGISTRY: dict[str, BenchFn] = {}
+_ON_DEMAND: set[str] = set()  # run only when named: they need a cache the user points them at
 
 # Modules that register benchmarks when imported (each issue adds its own).
 BENCH_MODULES = (
@@ -47,14 +51,17 @@ BENCH_MODULES = (
     "refground.bench.lts_bench",
     "refground.bench.reir_bench",
     "refground.bench.retrieval_bench",
+    "refground.bench.bicm",
 )
 
 
-def register(name: str) -> Callable[[BenchFn], BenchFn]:
-    """Decorator: register ``fn`` under ``name``."""
+def register(name: str, on_demand: bool = False) -> Callable[[BenchFn], BenchFn]:
+    """Decorator: register ``fn`` under ``name`` (``on_demand``: only run when named)."""
 
     def deco(fn: BenchFn) -> BenchFn:
         _REGISTRY[name] = fn
+        if on_demand:
+            _ON_DEMAND.add(name)
         return fn
 
     return deco
@@ -71,16 +78,20 @@ def list_benchmarks() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def run_benchmarks(names: list[str] | None = None, quick: bool = False, seed: int = 0) -> list[BenchResult]:
-    """Run the named benchmarks (all when ``names`` is empty) and return their results in order."""
+def run_benchmarks(names: list[str] | None = None, quick: bool = False, seed: int = 0,
+                   options: dict[str, object] | None = None) -> list[BenchResult]:
+    """Run the named benchmarks (all but the on-demand ones when ``names`` is empty) and return their results in
+    order. ``options`` (None values: not given) go to the benchmarks that take them as keywords."""
     _load()
-    selected = names or sorted(_REGISTRY)
+    selected = names or sorted(n for n in _REGISTRY if n not in _ON_DEMAND)
     unknown = [n for n in selected if n not in _REGISTRY]
     if unknown:
         raise UsageError(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(sorted(_REGISTRY))}")
     results: list[BenchResult] = []
     for name in selected:
-        results.extend(_REGISTRY[name](quick, seed))
+        fn = _REGISTRY[name]
+        takes = inspect.signature(fn).parameters
+        results.extend(fn(quick, seed, **{k: v for k, v in (options or {}).items() if k in takes and v is not None}))
     return results
 
 

@@ -164,7 +164,7 @@ class RaggedH5:
             raise ArtifactError(f"{self.path}: unreadable HDF5 file ({exc}); re-run the step that made it") from None
         self.offsets: dict[str, np.ndarray] = {}
         for name, group in self.file.items():
-            if "offsets" in group:
+            if isinstance(group, h5py.Group) and "offsets" in group:  # flat datasets (BiCM's scores) have none
                 self.offsets[name] = group["offsets"][()]
 
     def __enter__(self) -> RaggedH5:

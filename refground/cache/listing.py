@@ -4,6 +4,7 @@ A cache root holds one folder per dataset; inside, ``dataset/`` and one folder p
 
     <root>/<dataset>/{dataset, features, dense, clip, graph, pseudo}/...   runs/<method>/<name>/
     <root>/<dataset>/vlnms/<tag>/<split>.h5                                 (query-aware proposals)
+    <root>/<dataset>/bicm/<clip model>/<split>-<kind>.h5                    (BiCM's module scores)
     <root>/<dataset>/index/<clip model>/<section>-<type>[-s<S>]/             (faiss indexes, `refground retrieve`)
 
 Besides complete artifacts it may hold ``.partial`` folders (interrupted or sharded extraction: resumable,
@@ -80,6 +81,12 @@ def _artifacts(ds_root: Path) -> list[tuple[str, Path]]:
         for tag in sorted(p for p in qp.iterdir() if p.is_dir()):
             out += [(f"vlnms/{tag.name}", p) for p in sorted(tag.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)
                     and not _hidden_lock(p) and p.suffix != ".jsonl"]
+    # BiCM's module scores per split (`refground eval --method bicm`): bicm/<clip model>/<split>-<kind>.h5.
+    bm = ds_root / "bicm"
+    if bm.is_dir():
+        for model in sorted(p for p in bm.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            out += [(f"bicm/{model.name}", p) for p in sorted(model.iterdir()) if not p.name.endswith(MANIFEST_SUFFIX)
+                    and not _hidden_lock(p)]
     # Retrieval indexes (`refground retrieve`): index/<clip model>/<section>-<type>[-s<S>]/, folders with a manifest.
     idx = ds_root / "index"
     if idx.is_dir():
@@ -124,6 +131,12 @@ def list_cache(root: Path) -> list[Entry]:
                 entries.append(e)
                 continue
             if p.is_dir() and kind.startswith("runs/") and not (p / "manifest.json").exists():
+                preds = _predictions_only(p)
+                if preds is not None:  # a training-free row (a baseline): its predictions files are the artifacts
+                    done = all((m := read_manifest_of(f)) is not None and m.complete for f in preds)
+                    entries.append(Entry(ds_root.name, kind, p.name, p, "complete" if done else "incomplete",
+                                         _size(p), detail=f"predictions only ({len(preds)} files; nothing trained)"))
+                    continue
                 entries.append(Entry(ds_root.name, kind, p.name, p, "incomplete", _size(p), detail="no manifest"))
                 continue
             m = read_manifest_of(p)
@@ -131,6 +144,16 @@ def list_cache(root: Path) -> list[Entry]:
             entries.append(Entry(ds_root.name, kind, p.name, p, status, _size(p), m.created if m else "",
                                  m.fingerprint if m else "", detail=m.step if m else "no manifest"))
     return entries
+
+
+def _predictions_only(run: Path) -> list[Path] | None:
+    """The predictions files of a run folder that holds nothing but ``predictions/`` (a training-free row such as a
+    class-name baseline, which `refground eval --method M --run ROW` writes), else None."""
+    visible = [q for q in run.iterdir() if not q.name.startswith(".")]
+    if [q.name for q in visible] != ["predictions"] or not visible[0].is_dir():
+        return None
+    files = [q for q in sorted(visible[0].iterdir()) if q.suffix == ".jsonl" and not q.name.startswith(".")]
+    return files or None
 
 
 def _check_h5(path: Path) -> list[str]:
@@ -235,6 +258,9 @@ def remedy(e: Entry, root: Path) -> str:
         return f"refground graph {where} --features {stem} --force"
     if e.kind.startswith("vlnms/"):
         return f"refground vlnms --run {e.kind[6:]} --split {stem} {where} --force"
+    if e.kind.startswith("bicm/"):
+        split = stem.rsplit("-", 1)[0]
+        return f"refground eval --method bicm --run com --split {split} {where} --force"
     if e.kind == "pseudo":
         return f"refground pseudo {stem.split('-')[0]} {where} --force"
     if e.kind.startswith("index/"):

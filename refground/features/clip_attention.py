@@ -201,7 +201,8 @@ def _minmax(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     lo = torch.where(m, flat, torch.inf).amin(1, keepdim=True)
     hi = torch.where(m, flat, -torch.inf).amax(1, keepdim=True)
     span = hi - lo
-    ok = span > 0
+    # A constant map upsampled in float32 varies in its last bit (1e-7 relative): that is no signal to stretch
+    ok = span > 1e-6 * torch.maximum(lo.abs(), hi.abs())
     out = torch.where(ok, (flat - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(flat))
     return torch.where(m, out, torch.zeros_like(out)).view_as(x)
 
@@ -278,11 +279,13 @@ def processor_window(image_processor: Any, height: int, width: int) -> tuple[flo
     return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
 
 
-def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, float, float, float]) -> torch.Tensor:
+def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, float, float, float],
+                  normalise: bool = True) -> torch.Tensor:
     """Patch-grid values ``a`` Tensor[gh, gw] (unnormalised) as a map Tensor[H, W] of the image of ``size``
     (H, W) whose ``window`` (x1, y1, x2, y2 pixels, :func:`processor_window`) the grid covers: bilinear
     samples at the pixel centres inside the window (``align_corners=False`` convention, edge values
-    repeated at the window's border), min-max normalised over them; 0 outside the window."""
+    repeated at the window's border), min-max normalised over them (``normalise=False``: the raw samples,
+    the scale BiCM's S^TD reads); 0 outside the window."""
     hh, ww = int(size[0]), int(size[1])
     x1, y1, x2, y2 = (float(v) for v in window)
     xs = torch.arange(ww, dtype=torch.float32, device=a.device) + 0.5
@@ -293,6 +296,8 @@ def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, f
     sampled = F.grid_sample(a.float()[None, None], torch.stack([gx, gy], -1)[None], mode="bilinear",
                             padding_mode="border", align_corners=False)[0, 0]
     inside = ((v >= 0) & (v < 1)).view(hh, 1) & ((u >= 0) & (u < 1)).view(1, ww)
+    if not normalise:
+        return torch.where(inside, sampled, torch.zeros_like(sampled))
     return _minmax(sampled[None], inside[None])[0]
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from refground.errors import UsageError
 
 TASKS = ("comprehension", "phrase grounding", "segmentation", "proposals")
-BUILTIN = ("cmrin", "vlnms", "lts", "reir")  # packages under refground/methods/, loaded on first use of the registry
+BUILTIN = ("cmrin", "vlnms", "lts", "reir", "bicm")  # packages under refground/methods/, loaded on first use of the registry
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from refground.viz import (
     _overlay,
     heat_overlay,
     load_image,
+    text_width,
+    wrap,
 )
 
 PANEL_WIDTH = 384  # default drawn width of one Figure 4 panel (4 side by side)
@@ -39,29 +41,7 @@ LINE_H, SMALL_H = 22, 18  # line heights of the 16 and 13 pixel fonts
 
 
 def _font_width(font: Any, text: str) -> int:
-    return round(_text_width(font, text))
-
-
-def _text_width(font: Any, text: str) -> float:
-    try:
-        return float(font.getlength(text))
-    except AttributeError:  # a bitmap font without getlength: about 6 pixels a character
-        return 6.0 * len(text)
-
-
-def wrap(text: str, font: Any, width: int) -> list[str]:
-    """``text`` broken at spaces into lines no wider than ``width`` pixels in ``font`` (a longer word stays
-    whole on its own line)."""
-    lines: list[str] = []
-    line = ""
-    for word in text.split():
-        trial = f"{line} {word}" if line else word
-        if line and _text_width(font, trial) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return lines + [line] if line else lines
+    return round(text_width(font, text))
 
 
 def expression_text(query: Query) -> str:

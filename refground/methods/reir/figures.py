@@ -7,8 +7,6 @@ loading, fonts and phrase colours are :mod:`refground.viz`'s, so ReIR's pictures
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,7 +15,7 @@ from PIL import ImageDraw
 
 from refground.errors import DataError
 from refground.eval.metrics import IOU_THRESHOLD, matched_box_iou, union_box
-from refground.viz import PHRASE_COLOURS, _font, load_image
+from refground.viz import PHRASE_COLOURS, _font, dashed_rectangle, load_image, text_width
 
 MIN_WIDTH = 512  # drawn width the image is enlarged to (integer nearest-neighbour scale), so text stays legible
 TRUTH = (255, 255, 255)
@@ -35,33 +33,9 @@ def text_colour(i: int) -> tuple[int, int, int]:
     return tuple(int(0.7 * c) for c in phrase_colour(i))  # type: ignore[return-value]
 
 
-def _width(font: Any, text: str) -> float:
-    try:
-        return float(font.getlength(text))
-    except AttributeError:  # a bitmap font without getlength: about 6 pixels a character
-        return 6.0 * len(text)
-
-
-def dashed_rectangle(draw: ImageDraw.ImageDraw, box: Sequence[float], colour: tuple[int, int, int], width: int = 1,
-                     dash: float = 6.0, gap: float = 4.0) -> None:
-    """Outline ``box`` (x1, y1, x2, y2 in drawn pixels) with dashes of ``dash`` pixels and ``gap`` pixels between
-    (PIL draws only solid outlines)."""
-    x1, y1, x2, y2 = (float(v) for v in box)
-    for ax, ay, bx, by in ((x1, y1, x2, y1), (x2, y1, x2, y2), (x2, y2, x1, y2), (x1, y2, x1, y1)):
-        length = math.hypot(bx - ax, by - ay)
-        if length == 0:
-            continue
-        ux, uy = (bx - ax) / length, (by - ay) / length
-        t = 0.0
-        while t < length:
-            e = min(t + dash, length)
-            draw.line([ax + ux * t, ay + uy * t, ax + ux * e, ay + uy * e], fill=colour, width=width)
-            t = e + gap
-
-
 def _tag(draw: ImageDraw.ImageDraw, x: float, y: float, text: str, colour: tuple[int, int, int], font: Any) -> None:
     """A small filled label (the phrase's number) with its top-left corner at (x, y)."""
-    w = _width(font, text)
+    w = text_width(font, text)
     draw.rectangle([x, y, x + w + 6, y + 16], fill=colour)
     draw.text((x + 3, y + 1), text, fill=(0, 0, 0), font=font)
 
@@ -142,7 +116,7 @@ def render_reir_figure(ex: dict[str, Any], scale: int | None = None) -> PILImage
     for t, word in enumerate(ex["tokens"]):
         text = ("[" if t in starts else "") + word + ("]" if t in ends else "") + " "
         colour = text_colour(colour_of[t]) if t in colour_of else (0, 0, 0)
-        ww = _width(font, text)
+        ww = text_width(font, text)
         if line and x + ww > width - 2 * MARGIN:
             lines.append(line)
             line, x = [], 0.0
@@ -176,7 +150,7 @@ def render_reir_figure(ex: dict[str, Any], scale: int | None = None) -> PILImage
         x = float(MARGIN)
         for text, f, colour in ln:
             d.text((x, y), text, fill=colour, font=f)
-            x += _width(f, text)
+            x += text_width(f, text)
         y += lh
     return canvas
 
@@ -188,7 +162,7 @@ def _wrap_runs(text: str, font: Any, width: float, colour: tuple[int, int, int]
     cur = ""
     for word in text.split():
         trial = f"{cur} {word}" if cur else word
-        if cur and _width(font, trial) > width:
+        if cur and text_width(font, trial) > width:
             out.append([(cur, font, colour)])
             cur = word
         else:
@@ -198,4 +172,4 @@ def _wrap_runs(text: str, font: Any, width: float, colour: tuple[int, int, int]
     return out
 
 
-__all__ = ["dashed_rectangle", "phrase_colour", "render_reir_figure", "text_colour"]
+__all__ = ["phrase_colour", "render_reir_figure", "text_colour"]
