@@ -3,6 +3,8 @@
 # sweep, the qualitative figure). Makes what BiCM reads (the world, the built-in detector and its proposals, the
 # built-in CLIP's corpus and model, the CLIP embeddings of the proposals), the pseudo labels of the unpaired train
 # pools, KAM, every ablation row's predictions, the report. Every step is a cache hit when run again.
+# EXTRACT_FLAGS: flags every `refground extract` of this cache uses (e.g. "--detections" where VL-NMS shares it:
+# an extract without them rewrites the features file without the pre-NMS set, and VL-NMS's runs refuse it).
 # Usage: bash examples/bicm.sh [CACHE_DIR]
 set -euo pipefail
 CACHE=${1:-./cache}
@@ -14,7 +16,8 @@ run "$RG" data synth --cache "$CACHE"
 run "$RG" train detector --cache "$CACHE"
 run "$RG" data synth --preset web --cache "$CACHE"          # the CLIP's own corpus (never the benchmark's images)
 run "$RG" train clip --cache "$CACHE"                        # ~17 minutes on 2 cores
-run "$RG" extract --clip builtin --cache "$CACHE"           # proposals + their CLIP crop embeddings
+# shellcheck disable=SC2086
+run "$RG" extract --clip builtin ${EXTRACT_FLAGS:-} --cache "$CACHE"   # proposals + their CLIP crop embeddings
 run "$RG" pseudo bicm --cache "$CACHE"                       # Table 7: nearest query per train image, QAM+COM+SF
 run "$RG" train bicm --cache "$CACHE"                        # KAM on the pseudo labels
 for split in val testA testB; do

@@ -19,9 +19,9 @@ run "$RG" train cmrin --cache "$CACHE"
 run "$RG" pseudo vlnms --cache "$CACHE"
 run "$RG" train vlnms --variant fc --loss bce --cache "$CACHE"
 run "$RG" vlnms --run fc-bce --min-confidence 0.3 --cache "$CACHE"
-run "$RG" extract --first-stage --cache "$CACHE"
+run "$RG" extract --first-stage --cache "$CACHE"   # a file of its own (detector-default-rpn.h5)
 run "$RG" pseudo reir --cache "$CACHE"
 run "$RG" train reir --variant reir --run reir --cache "$CACHE"
 run "$RG" train lts --cache "$CACHE"
-bash "$ROOT/examples/bicm.sh" "$CACHE"
+EXTRACT_FLAGS=--detections bash "$ROOT/examples/bicm.sh" "$CACHE"   # the same extract flags throughout
 run "$RG" report supervision --cache "$CACHE"

@@ -24,13 +24,16 @@ TINY = {
             "batch_size": 16, "lr_decay_epochs": 1},
     "reir": {"word_dim": 8, "dim": 16, "hidden_dim": 16, "decoder_dim": 16, "epochs": 1, "batch_size": 16,
              "lr_decay_epochs": 1},
+    # KAM on a tiny random CLIP's 8-d embeddings; Thr_k below every fused score (that CLIP's scores are not CLIP's)
+    "bicm": {"hidden": 8, "batch_size": 4, "epochs": 2, "thr_k": -1e9},
 }
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    """A 60-image world with a tiny detector, its features (with the pre-NMS detections), dense maps and graphs, and a
-    tiny CMRIN run named "cmrin" (the second stage that proposal methods report with)."""
+    """A 60-image world with a tiny detector, its features (with the pre-NMS detections), dense maps and graphs, a
+    tiny CMRIN run named "cmrin" (the second stage that proposal methods report with) and the CLIP embeddings of a
+    tiny random CLIP (what BiCM reads)."""
     import torch
 
     from refground.data.store import dataset_dir, load_dataset
@@ -50,7 +53,10 @@ def world(tmp_path_factory) -> Path:
         ds = load_dataset(dataset_dir("synth", root))
         train_detector(ds, root / "synth" / "runs" / "detector" / "default", tiny_config(epochs=1), seed=0,
                        dataset_dir=dataset_dir("synth", root), evaluate=False)
-        extract_dataset("synth", root, dense=True, max_proposals=20, detections=0.05)
+        from hf_tiny import make_tiny_clip
+
+        clip = make_tiny_clip(tmp_path_factory.mktemp("e2e-clip") / "clip")
+        extract_dataset("synth", root, dense=True, max_proposals=20, detections=0.05, clip=f"hf:{clip}")
         build_graphs("synth", root)
         extract_dataset("synth", root, first_stage=True)  # ReIR's first-stage proposals (detector-default-rpn)
         train_cmrin("synth", root, "cmrin", CMRINConfig(**TINY_CMRIN), seed=0)

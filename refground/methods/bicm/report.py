@@ -219,7 +219,7 @@ def timings(inp: Any, splits: list[str], pseudo: dict[str, Any]) -> list[dict[st
     """The measured times: per (split, query kind) whose modules artifact exists
     (:func:`refground.methods.bicm.run.modules_path`), its pairs, seconds and ms per query (QAM + COM + SF scores,
     once for every row); then the pseudo labels' pass (seconds over the train images)."""
-    from refground.cache import read_manifest_of
+    from refground.cache import read_manifest_of, stale_parents
     from refground.methods.bicm import run as bicm_run
     from refground.methods.bicm.data import QUERY_KINDS
 
@@ -228,7 +228,7 @@ def timings(inp: Any, splits: list[str], pseudo: dict[str, Any]) -> list[dict[st
         for kind in QUERY_KINDS:
             path = bicm_run.modules_path(inp, split, kind)
             m = read_manifest_of(path) if path.exists() else None
-            if m is None or not m.complete:
+            if m is None or not m.complete or stale_parents(m):  # a stale one timed other inputs
                 continue
             e = m.extra or {}
             rows.append({"stage": "modules (QAM + COM + SF)", "split": split, "kind": kind, "pairs": e.get("pairs"),
@@ -326,7 +326,7 @@ def build_tables(dataset: str, scores: dict[str, dict[str, dict[str, Any]]], sta
         note = (f"{e.get('images')} train images, each paired with its nearest query of the pool "
                 f"({e.get('distinct_queries')} distinct); a label is kept when its fused score S_r passes Thr_k. "
                 f"Precision: share of the judged labels whose box has IoU >= 0.5 with an object the query denotes "
-                f"(judged after the labels are fixed; {e.get('judged_all')}% of all labels judged). "
+                f"(judged after the labels are fixed; {100 * float(e.get('judged_all') or 0):.1f}% of all labels judged). "
                 "The paper's columns: Flickr30K Entities trainval.")
         if pseudo["note"]:
             note += f" Stale: {pseudo['note']}"
