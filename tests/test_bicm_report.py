@@ -164,7 +164,7 @@ def _write_pseudo_manifest(cache: Path, table7: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"labels")
     write_manifest(path, step="pseudo.bicm@1", params={}, parents={}, fingerprint="fake-pseudo", kind="pseudo",
-                   extra={"images": 16, "distinct_queries": 9, "seconds": 3.2, "table7": table7, "judged_all": 100.0})
+                   extra={"images": 16, "distinct_queries": 9, "seconds": 3.2, "table7": table7, "judged_all": 1.0})
 
 
 def _fake_run(cache: Path, name: str = "bicm") -> None:

@@ -326,7 +326,8 @@ def build_tables(dataset: str, scores: dict[str, dict[str, dict[str, Any]]], sta
         note = (f"{e.get('images')} train images, each paired with its nearest query of the pool "
                 f"({e.get('distinct_queries')} distinct); a label is kept when its fused score S_r passes Thr_k. "
                 f"Precision: share of the judged labels whose box has IoU >= 0.5 with an object the query denotes "
-                f"(judged after the labels are fixed; {100 * float(e.get('judged_all') or 0):.1f}% of all labels judged). "
+                f"(judged after the labels are fixed; {100 * float(e.get('judged_all') or 0):.1f}% of all labels "
+                "judged). "
                 "The paper's columns: Flickr30K Entities trainval.")
         if pseudo["note"]:
             note += f" Stale: {pseudo['note']}"
