@@ -178,18 +178,17 @@ def eval_pairs(ds: Any, split: str, kind: str) -> tuple[np.ndarray, list[str], n
     rows = ds.query_rows(split)
     rows = rows[ds.query_tasks[rows] == TASKS.index("expression" if kind == "expression" else "caption")]
     row_of = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
-    img, texts, qids, mentions = [], [], [], []
+    pairs: list[tuple[int, str, int, int]] = []  # (image row, text, query id, mention)
     for r in rows.tolist():
-        text = ds.query_texts[r]
-        irow = row_of[int(ds.query_image_ids[r])]
+        text, qid, irow = ds.query_texts[r], int(ds.query_ids[r]), row_of[int(ds.query_image_ids[r])]
         if kind == "expression":
-            img.append(irow), texts.append(text), qids.append(int(ds.query_ids[r])), mentions.append(-1)
+            pairs.append((irow, text, qid, -1))
             continue
         tokens = text.split(" ")
         a, b = int(ds.query_mention_offsets[r]), int(ds.query_mention_offsets[r + 1])
-        for i, (s, e) in enumerate(zip(ds.mention_starts[a:b].tolist(), ds.mention_ends[a:b].tolist())):
-            img.append(irow), texts.append(phrase_text(tokens, s, e)), qids.append(int(ds.query_ids[r]))
-            mentions.append(i)
+        spans = zip(ds.mention_starts[a:b].tolist(), ds.mention_ends[a:b].tolist())
+        pairs += [(irow, phrase_text(tokens, s, e), qid, i) for i, (s, e) in enumerate(spans)]
+    img, texts, qids, mentions = (list(c) for c in zip(*pairs)) if pairs else ([], [], [], [])
     return (np.array(img, np.int64), texts, np.array(qids, np.int64), np.array(mentions, np.int64))
 
 
