@@ -17,7 +17,7 @@ from refground.cli.console import check_out_file, emit, info, table
 from refground.cli.options import (CacheOpt, ConfigOpt, DatasetOpt, ForceOpt, JsonOpt, OutOpt, ResumeOpt, RunOpt,
                                    ThreadsOpt,
                                    SeedOpt, read_config_file)
-from refground.methods import Method, Option, list_methods
+from refground.methods import Method, Option, list_methods, method_kwargs
 from refground.threads import parse_threads, use_threads
 
 KW = inspect.Parameter.KEYWORD_ONLY
@@ -60,39 +60,12 @@ def union_options(methods: Sequence[Method], attr: str) -> list[Option]:
     return list(seen.values())
 
 
-def method_kwargs(method: Method | None, attr: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The options of ``given`` (None: not given) that ``method`` takes for ``attr``, checked against their
-    choices; one it does not take, or any given without a method (``method`` None), is a one-line UsageError."""
-    from refground.errors import UsageError
-
-    own = {o.name: o for o in getattr(method, attr)} if method is not None else {}
-    out = {}
-    for name, value in given.items():
-        if value is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        if method is None:
-            raise UsageError(f"{flag} applies only with --method")
-        if name not in own:
-            raise UsageError(f"{flag} does not apply to --method {method.name}")
-        check_choice(own[name], value)
-        out[name] = value
-    return out
-
-
 def with_method_options(body: Callable[..., None], action: str) -> Callable[..., None]:
     """A command of ``body``'s own options (all but its trailing ``**options``) plus the ``<action>_options`` of
     every registered method that has ``action``, unset by default (``eval --method``, ``show --method``)."""
     params = list(inspect.signature(body, eval_str=True).parameters.values())[:-1]
     params += [option_param(o, unset=True) for o in union_options(list_methods(action), f"{action}_options")]
     return command(params, body, body.__doc__ or "")
-
-
-def check_choice(opt: Option, value: Any) -> None:
-    from refground.errors import UsageError
-
-    if opt.choices and value is not None and value not in opt.choices:
-        raise UsageError(f"{opt.cli_flag} {value!r}: expected one of: {', '.join(map(str, opt.choices))}")
 
 
 def render(tables: Sequence[Any]) -> list[Any]:

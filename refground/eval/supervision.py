@@ -38,7 +38,6 @@ if TYPE_CHECKING:
     from PIL.Image import Image
 
     from refground.data.model import Dataset
-    from refground.methods import Method
 
 SCORED, NOT_AVAILABLE, NOT_TRAINED, NOT_SCORED = "scored", "not available", "not trained", "not scored"
 CONFIDENCE = "confidence"  # VL-NMS's tag of confidence-only NMS (vlnms.run.CONFIDENCE): a proposal set, no run
@@ -171,19 +170,6 @@ def _vlnms_command(dataset: str, run: str, splits: Sequence[str]) -> str:
     return f"refground vlnms{where} {who} " + " ".join(f"--split {s}" for s in splits)
 
 
-def _check_options(method: Method, options: Mapping[str, Any]) -> str:
-    """Why ``method``'s predict cannot take ``options`` (an option it does not declare, or a value outside its
-    choices), or "" when it can: what ``cli.methods.method_kwargs`` checks for ``eval --method``."""
-    own = {o.name: o for o in method.predict_options}
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if name not in own:
-            return f"{method.name}'s predict has no option {flag}"
-        if own[name].choices and value not in own[name].choices:
-            return f"{method.name}'s predict: {flag} {value!r} is not one of {', '.join(map(str, own[name].choices))}"
-    return ""
-
-
 def _why_not(spec: RowSpec, runs: Mapping[str, str], dataset: str, cache: Any,
              splits: Sequence[str]) -> tuple[str, str]:
     """After a row's predict failed: ``(status, command)``. "not trained" with the commands that train the
@@ -231,7 +217,7 @@ def score_row(ds: Dataset, spec: RowSpec, runs: Mapping[str, str], dataset: str,
     row's status and message."""
     from refground.eval.evaluate import evaluate
     from refground.eval.predictions import read_predictions
-    from refground.methods import get_method, list_methods
+    from refground.methods import get_method, list_methods, method_kwargs
 
     run = runs[spec.run]
     options = spec.predict_options(runs)
@@ -246,7 +232,12 @@ def score_row(ds: Dataset, spec: RowSpec, runs: Mapping[str, str], dataset: str,
         row.update(status=NOT_AVAILABLE, message=f"method {spec.method!r} " + ("has no predict" if known else
                                                                                "is not registered"))
     else:
-        problem = _check_options(method, options)
+        try:
+            method_kwargs(method, "predict_options", options)  # the check `refground eval --method` makes
+        except UsageError as exc:
+            problem = str(exc)
+        else:
+            problem = ""
         if problem:
             row.update(status=NOT_AVAILABLE, message=problem)
         elif not wanted:

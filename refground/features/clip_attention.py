@@ -279,13 +279,10 @@ def processor_window(image_processor: Any, height: int, width: int) -> tuple[flo
     return left * sx, top * sy, (left + cw) * sx, (top + ch) * sy
 
 
-def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, float, float, float],
-                  normalise: bool = True) -> torch.Tensor:
-    """Patch-grid values ``a`` Tensor[gh, gw] (unnormalised) as a map Tensor[H, W] of the image of ``size``
-    (H, W) whose ``window`` (x1, y1, x2, y2 pixels, :func:`processor_window`) the grid covers: bilinear
-    samples at the pixel centres inside the window (``align_corners=False`` convention, edge values
-    repeated at the window's border), min-max normalised over them (``normalise=False``: the raw samples,
-    the scale BiCM's S^TD reads); 0 outside the window."""
+def grid_to_image_pair(a: torch.Tensor, size: tuple[int, int], window: tuple[float, float, float, float]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`grid_to_image` raw and normalised from one bilinear sampling: (raw Tensor[H, W], normalised
+    Tensor[H, W]) (BiCM reads both: S^TD the raw map, P_t the normalised one)."""
     hh, ww = int(size[0]), int(size[1])
     x1, y1, x2, y2 = (float(v) for v in window)
     xs = torch.arange(ww, dtype=torch.float32, device=a.device) + 0.5
@@ -296,9 +293,19 @@ def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, f
     sampled = F.grid_sample(a.float()[None, None], torch.stack([gx, gy], -1)[None], mode="bilinear",
                             padding_mode="border", align_corners=False)[0, 0]
     inside = ((v >= 0) & (v < 1)).view(hh, 1) & ((u >= 0) & (u < 1)).view(1, ww)
-    if not normalise:
-        return torch.where(inside, sampled, torch.zeros_like(sampled))
-    return _minmax(sampled[None], inside[None])[0]
+    raw = torch.where(inside, sampled, torch.zeros_like(sampled))
+    return raw, _minmax(sampled[None], inside[None])[0]
+
+
+def grid_to_image(a: torch.Tensor, size: tuple[int, int], window: tuple[float, float, float, float],
+                  normalise: bool = True) -> torch.Tensor:
+    """Patch-grid values ``a`` Tensor[gh, gw] (unnormalised) as a map Tensor[H, W] of the image of ``size``
+    (H, W) whose ``window`` (x1, y1, x2, y2 pixels, :func:`processor_window`) the grid covers: bilinear
+    samples at the pixel centres inside the window (``align_corners=False`` convention, edge values
+    repeated at the window's border), min-max normalised over them (``normalise=False``: the raw samples,
+    the scale BiCM's S^TD reads); 0 outside the window."""
+    raw, normalised = grid_to_image_pair(a, size, window)
+    return normalised if normalise else raw
 
 
 # ------------------------------------------------------------------------------- raw images + texts

@@ -36,7 +36,8 @@ from typing import Any
 from refground.errors import UsageError
 
 TASKS = ("comprehension", "phrase grounding", "segmentation", "proposals")
-BUILTIN = ("cmrin", "vlnms", "lts", "reir", "bicm")  # packages under refground/methods/, loaded on first use of the registry
+# packages under refground/methods/, loaded on first use of the registry
+BUILTIN = ("cmrin", "vlnms", "lts", "reir", "bicm")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,32 @@ def get_method(name: str, action: str | None = None) -> Method:
     return method
 
 
+def check_choice(opt: Option, value: Any) -> None:
+    """A one-line UsageError when ``value`` is not among ``opt``'s choices (no choices: anything goes)."""
+    if opt.choices and value is not None and value not in opt.choices:
+        raise UsageError(f"{opt.cli_flag} {value!r}: expected one of: {', '.join(map(str, opt.choices))}")
+
+
+def method_kwargs(method: Method | None, attr: str, given: dict[str, Any]) -> dict[str, Any]:
+    """The options of ``given`` (None: not given) that ``method`` takes for ``attr`` (``predict_options``, ...),
+    checked against their choices; one it does not take, or any given without a method (``method`` None), is a
+    one-line UsageError. The commands (cli/) and the reports that call a method (``report supervision``) check
+    options here."""
+    own = {o.name: o for o in getattr(method, attr)} if method is not None else {}
+    out = {}
+    for name, value in given.items():
+        if value is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if method is None:
+            raise UsageError(f"{flag} applies only with --method")
+        if name not in own:
+            raise UsageError(f"{flag} does not apply to --method {method.name}")
+        check_choice(own[name], value)
+        out[name] = value
+    return out
+
+
 def train_command(method: str, dataset: str, name: str, variants: tuple[str, ...] = ()) -> str:
     """The command that trains run ``name`` of ``method`` (a name among ``variants`` trains that variant), for the
     reports' "not trained" rows."""
@@ -141,5 +168,5 @@ def train_command(method: str, dataset: str, name: str, variants: tuple[str, ...
     return f"refground train {method}{flag} --run {name}"
 
 
-__all__ = ["BUILTIN", "Method", "Option", "TASKS", "get_method", "list_methods", "register", "train_command",
-           "unregister"]
+__all__ = ["BUILTIN", "Method", "Option", "TASKS", "check_choice", "get_method", "list_methods", "method_kwargs",
+           "register", "train_command", "unregister"]

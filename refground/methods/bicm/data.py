@@ -39,22 +39,33 @@ def split_image_rows(ds: Dataset, split: str) -> np.ndarray:
     return np.array([i for i, s in enumerate(ds.image_splits) if split_matches(s, split)], dtype=np.int64)
 
 
-def query_texts(ds: Dataset, split: str, kind: str) -> list[str]:
-    """Every query text of ``split`` of one ``kind`` (expression texts, or the words of every caption phrase),
-    in dataset order, duplicates kept (what :class:`QueryPool` reduces to a set)."""
+def eval_pairs(ds: Dataset, split: str, kind: str) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    """The (image, text) pairs of the queries of ``split``: every expression (``kind`` expression), or every caption
+    phrase (``phrase``). Returns image rows int64[Q], texts, query ids int64[Q] and mention indices int64[Q] (-1 for
+    expressions)."""
     if kind not in QUERY_KINDS:
         raise UsageError(f"query kind {kind!r}: expected one of {', '.join(QUERY_KINDS)}")
     rows = ds.query_rows(split)
-    task = TASKS.index("expression" if kind == "expression" else "caption")
-    rows = rows[ds.query_tasks[rows] == task]
-    if kind == "expression":
-        return [ds.query_texts[r] for r in rows.tolist()]
-    out = []
+    rows = rows[ds.query_tasks[rows] == TASKS.index("expression" if kind == "expression" else "caption")]
+    row_of = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
+    pairs: list[tuple[int, str, int, int]] = []  # (image row, text, query id, mention)
     for r in rows.tolist():
-        tokens = ds.query_texts[r].split(" ")
-        a, b = ds.query_mention_offsets[r], ds.query_mention_offsets[r + 1]
-        out += [phrase_text(tokens, int(s), int(e)) for s, e in zip(ds.mention_starts[a:b], ds.mention_ends[a:b])]
-    return out
+        text, qid, irow = ds.query_texts[r], int(ds.query_ids[r]), row_of[int(ds.query_image_ids[r])]
+        if kind == "expression":
+            pairs.append((irow, text, qid, -1))
+            continue
+        tokens = text.split(" ")
+        a, b = int(ds.query_mention_offsets[r]), int(ds.query_mention_offsets[r + 1])
+        spans = zip(ds.mention_starts[a:b].tolist(), ds.mention_ends[a:b].tolist())
+        pairs += [(irow, phrase_text(tokens, s, e), qid, i) for i, (s, e) in enumerate(spans)]
+    img, texts, qids, mentions = (list(c) for c in zip(*pairs)) if pairs else ([], [], [], [])
+    return (np.array(img, np.int64), texts, np.array(qids, np.int64), np.array(mentions, np.int64))
+
+
+def query_texts(ds: Dataset, split: str, kind: str) -> list[str]:
+    """Every query text of ``split`` of one ``kind`` (expression texts, or the words of every caption phrase),
+    in dataset order, duplicates kept (what :class:`QueryPool` reduces to a set)."""
+    return eval_pairs(ds, split, kind)[1]
 
 
 @dataclass(frozen=True)
@@ -164,5 +175,5 @@ class DetectorProposals:
                    full.labels[flat].astype(np.int64), full.scores[flat].astype(np.float32), flat, names)
 
 
-__all__ = ["DetectorProposals", "ImagePool", "QUERY_KINDS", "QueryPool", "phrase_text", "query_texts",
+__all__ = ["DetectorProposals", "ImagePool", "QUERY_KINDS", "QueryPool", "eval_pairs", "phrase_text", "query_texts",
            "split_image_rows", "unpaired_pools"]

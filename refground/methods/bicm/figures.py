@@ -114,7 +114,7 @@ def explain_bicm(dataset: str, cache: Any, run: str, query_id: int | None, top_k
     from refground.features.clip_attention import (
         box_from_map,
         cls_attention_and_grad_texts,
-        grid_to_image,
+        grid_to_image_pair,
         head_mean,
         processor_window,
     )
@@ -142,9 +142,9 @@ def explain_bicm(dataset: str, cache: Any, run: str, query_id: int | None, top_k
     window = processor_window(clip.processor.image_processor, hh, ww)
     a_qa = head_mean(att[None], grad, True).view(*grid).cpu()  # eqs. 4-5
     a_va = head_mean(att[None], None, False).view(*grid).cpu()  # Table 5's vanilla map
-    maps = {m: grid_to_image(a, (hh, ww), window) for m, a in (("qa", a_qa), ("va", a_va))}
-    raw_max = {m: float(grid_to_image(a, (hh, ww), window, normalise=False).max())
-               for m, a in (("qa", a_qa), ("va", a_va))}
+    pairs = {m: grid_to_image_pair(a, (hh, ww), window) for m, a in (("qa", a_qa), ("va", a_va))}
+    maps = {m: norm for m, (_, norm) in pairs.items()}
+    raw_max = {m: float(raw.max()) for m, (raw, _) in pairs.items()}
     pt = {m: box_from_map(maps[m], pc.thr_a).numpy() for m in maps}
 
     ms = compute_scores(inp.clip, inp.image, inp.props, np.array([row], np.int64), [text], pc.thr_a)

@@ -110,7 +110,7 @@ def image_modules(inp: ClipInputs, image: np.ndarray, texts: list[str], fq: torc
         _patch,
         box_from_map,
         cls_attention_and_grad_texts,
-        grid_to_image,
+        grid_to_image_pair,
         head_mean,
         processor_window,
     )
@@ -144,13 +144,13 @@ def image_modules(inp: ClipInputs, image: np.ndarray, texts: list[str], fq: torc
         out["pt_class"] = cq_all.argmax(1).numpy().astype(np.int64)
         out["pt_cq"] = cq_all.max(1).values.numpy().astype(np.float32)
     tb = torch.from_numpy(np.asarray(boxes, np.float32).reshape(-1, 4))
-    va_raw = grid_to_image(a_va[0], (hh, ww), window, normalise=False)
-    va_box = box_from_map(grid_to_image(a_va[0], (hh, ww), window), thr_a)
+    va_raw, va_norm = grid_to_image_pair(a_va[0], (hh, ww), window)
+    va_box = box_from_map(va_norm, thr_a)
     va_td = box_map_mean(va_raw, torch.cat([tb, va_box[None]])).float()
     pt_qa, td_qa, pt_td_qa = [], [], []
     for k in range(t):
-        raw = grid_to_image(a_qa[k], (hh, ww), window, normalise=False)  # S^TD's scale: the raw map
-        box = box_from_map(grid_to_image(a_qa[k], (hh, ww), window), thr_a)  # P_t: the normalised map at Thr_a
+        raw, norm = grid_to_image_pair(a_qa[k], (hh, ww), window)
+        box = box_from_map(norm, thr_a)  # P_t: the normalised map at Thr_a; S^TD's scale: the raw map
         td = box_map_mean(raw, torch.cat([tb, box[None]])).float()
         pt_qa.append(box)
         td_qa.append(td[:n])

@@ -33,10 +33,9 @@ import numpy as np
 import torch
 
 from refground.cache import parent, require, write_manifest
-from refground.data.model import TASKS
 from refground.data.store import dataset_dir, image_path, load_dataset
 from refground.errors import ArtifactError, UsageError
-from refground.methods.bicm.data import QUERY_KINDS, DetectorProposals, phrase_text
+from refground.methods.bicm.data import QUERY_KINDS, DetectorProposals, eval_pairs
 from refground.methods.bicm.model import (
     CLASS_NAME,
     TRAINED,
@@ -167,29 +166,6 @@ class Inputs:
 
 
 # ------------------------------------------------------------------------------------------ eval pairs
-
-
-def eval_pairs(ds: Any, split: str, kind: str) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-    """The (image, text) pairs of the queries of ``split``: every expression (``kind`` expression), or every caption
-    phrase (``phrase``). Returns image rows int64[Q], texts, query ids int64[Q] and mention indices int64[Q] (-1 for
-    expressions)."""
-    if kind not in QUERY_KINDS:
-        raise UsageError(f"query kind {kind!r}: expected one of {', '.join(QUERY_KINDS)}")
-    rows = ds.query_rows(split)
-    rows = rows[ds.query_tasks[rows] == TASKS.index("expression" if kind == "expression" else "caption")]
-    row_of = {int(i): r for r, i in enumerate(ds.image_ids.tolist())}
-    pairs: list[tuple[int, str, int, int]] = []  # (image row, text, query id, mention)
-    for r in rows.tolist():
-        text, qid, irow = ds.query_texts[r], int(ds.query_ids[r]), row_of[int(ds.query_image_ids[r])]
-        if kind == "expression":
-            pairs.append((irow, text, qid, -1))
-            continue
-        tokens = text.split(" ")
-        a, b = int(ds.query_mention_offsets[r]), int(ds.query_mention_offsets[r + 1])
-        spans = zip(ds.mention_starts[a:b].tolist(), ds.mention_ends[a:b].tolist())
-        pairs += [(irow, phrase_text(tokens, s, e), qid, i) for i, (s, e) in enumerate(spans)]
-    img, texts, qids, mentions = (list(c) for c in zip(*pairs)) if pairs else ([], [], [], [])
-    return (np.array(img, np.int64), texts, np.array(qids, np.int64), np.array(mentions, np.int64))
 
 
 def modules_path(inp: Inputs, split: str, kind: str) -> Path:
