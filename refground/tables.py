@@ -206,9 +206,27 @@ def unit_kind(unit: str) -> str:
     return kind if kind in NUMERIC_KINDS else FLOAT
 
 
+
+def write_report(markdown_path: Any, markdown: str, figures: dict[str, Any]) -> dict[str, Any]:
+    """Write a report: ``markdown`` to ``markdown_path`` and ``figures`` as JSON beside it (``<stem>.json``), each
+    atomically. Returns the figures as written (plain lists and str keys), so what a command prints with
+    ``--json`` equals the file, in the layout of ``cli.console.emit`` (which may re-write the file)."""
+    import json
+    from pathlib import Path
+
+    from refground.atomic import atomic_file
+
+    path = Path(markdown_path)
+    js = json.loads(json.dumps(figures))
+    with atomic_file(path.with_suffix(".json")) as fh:
+        fh.write(json.dumps(js, indent=2, sort_keys=True))
+    with atomic_file(path) as fh:
+        fh.write(markdown)
+    return js
+
 __all__ = ["AUTO", "BYTES", "BY_ROW", "COUNT", "EVAL_SPLITS", "FLOAT", "FormattedTable", "KINDS", "MS",
            "NUMERIC_KINDS", "PERCENT", "RATIO", "SECONDS", "TEXT", "TableData", "column_kind", "column_unit",
-           "format_table", "format_value", "header_text", "pct", "table_kinds", "unit_kind"]
+           "format_table", "format_value", "header_text", "pct", "table_kinds", "unit_kind", "write_report"]
 
 
 def markdown_table(t: TableData) -> list[str]:

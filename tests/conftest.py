@@ -148,3 +148,12 @@ def lts_cache(pipeline_cache, tmp_path_factory) -> Path:
         torch.set_num_threads(threads)
     assert res["artifacts"]["dense"]["status"] == "written"
     return root
+
+
+def ref_iou(a, b) -> float:
+    """Box IoU of two xyxy boxes, written out: the slow reference the metric module's IoU is checked against."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

@@ -14,6 +14,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import ref_iou
+
 # The package's ``report`` is the registry's callable; the module is imported by its full name.
 rr = importlib.import_module("refground.methods.bicm.report")
 
@@ -25,12 +27,6 @@ FAR = [0.0, 0.0, 4.0, 4.0]  # a 4x4 corner box: IoU < 0.5 with every object of t
 
 
 # ============================================================================================ helpers
-def _slow_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _union(ds, ids) -> list[float]:
@@ -63,7 +59,7 @@ def _expected(ds, split: str, how: str, kind: str = "all") -> float:
     """Precision@1 of the fake file by a loop: IoU >= 0.5 with the referent's box, over the expressions of
     ``kind``."""
     boxes = {ln["query_id"]: ln["box"] for ln in _fake_lines(ds, split, how) if "mention" not in ln}
-    hits = [_slow_iou(boxes[q.id], _union(ds, [q.referent_object_id])) >= 0.5
+    hits = [ref_iou(boxes[q.id], _union(ds, [q.referent_object_id])) >= 0.5
             for q in ds.queries(split, "expression") if kind in ("all", q.kind)]
     return sum(hits) / len(hits)
 
@@ -78,7 +74,7 @@ def _expected_phrases(ds, split: str, how: str) -> tuple[float, float]:
             if not m.object_ids:
                 continue
             b = boxes[(q.id, i)]
-            acc.append(_slow_iou(b, _union(ds, m.object_ids)) >= 0.5)
+            acc.append(ref_iou(b, _union(ds, m.object_ids)) >= 0.5)
             cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
             gts = [_union(ds, [o]) for o in m.object_ids]
             point.append(any(g[0] <= cx <= g[2] and g[1] <= cy <= g[3] for g in gts))
@@ -152,7 +148,7 @@ def _slow_lambda(ds, lambda_t: float, rule: str) -> float:
             above = [j for j in range(3) if scores[j] > mean]
             area = [(c[2] - c[0]) * (c[3] - c[1]) for c in cands]
             pick = cands[max(above, key=lambda j: (area[j], -j))]
-        hits += _slow_iou(pick, truth) >= 0.5
+        hits += ref_iou(pick, truth) >= 0.5
     return hits / len(size)
 
 
@@ -216,9 +212,9 @@ def fake_cache(synth_cache, synth_ds, tmp_path, monkeypatch):
 def test_crafted_boxes_are_what_the_slow_reference_assumes(synth_ds):
     for q in synth_ds.queries("val", "expression"):
         truth = _union(synth_ds, [q.referent_object_id])
-        assert _slow_iou(FAR, truth) < 0.5
+        assert ref_iou(FAR, truth) < 0.5
         img = synth_ds.image(q.image_id)
-        assert _slow_iou([0, 0, img.width, img.height], truth) < 0.5
+        assert ref_iou([0, 0, img.width, img.height], truth) < 0.5
     # the rules and lambda_t give different figures on the crafted scores (so the table can show a mix-up)
     figs = {(lt, r): _slow_lambda(synth_ds, lt, r) for lt in (10.0, 100.0) for r in ("largest", "argmax")}
     assert len(set(figs.values())) >= 3

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ref_iou
+
 from refground import masks
 from refground.eval.metrics import (
     box_accuracy_hits, mask_intersection_union, mask_iou_stats, matched_box_iou, phrase_accuracy, phrase_hits,
@@ -16,12 +18,6 @@ from refground.eval.metrics import (
 
 
 # ------------------------------------------------------------------------------------ references
-def ref_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def ref_inside(point, box) -> bool:

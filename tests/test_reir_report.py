@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ref_iou
+
 from refground.errors import DataError
 from refground.methods.reir import VARIANTS
 from refground.methods.reir.model import variant_config
@@ -67,12 +69,6 @@ def test_figure_renders_from_an_explain_dict(synth_ds):
 
 
 # ============================================================================================ Fig. 4 figures
-def _slow_iou(a, b) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def test_iou_figures_equal_a_slow_loop():
@@ -94,7 +90,7 @@ def test_iou_figures_equal_a_slow_loop():
     ious = []
     for b, t in zip(boxes, truth):
         u = (min(r[0] for r in t), min(r[1] for r in t), max(r[2] for r in t), max(r[3] for r in t))
-        ious.append(0.0 if b is None else _slow_iou(b, u))
+        ious.append(0.0 if b is None else ref_iou(b, u))
     assert ious[-3:] == [0.5, 0.6, 0.8]
     assert got["phrases"] == len(truth) and got["missing"] == sum(b is None for b in boxes)
     assert got["mean_iou"] == pytest.approx(sum(ious) / len(ious), abs=1e-9)

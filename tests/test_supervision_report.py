@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fail
+from conftest import fail, ref_iou
 from refground.errors import ArtifactError
 from refground.eval import supervision as sup
 from refground.methods import Method, Option, register, train_command, unregister
@@ -20,13 +20,6 @@ PHRASE_SPLITS = ("test",)
 TOY_VARIANTS = ("small", "cmrin")
 
 
-def _iou(a, b) -> float:
-    """Box IoU of two xyxy boxes, written out (the reference of the metric module's)."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _shifted(box):
@@ -208,7 +201,7 @@ def test_figures_equal_evaluate_of_the_same_predictions(toys, cache, synth_ds):
     for _q, m in phrases:
         boxes = [synth_ds.object(o).box for o in m.object_ids]
         union = [min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes)]
-        hits += _iou(boxes[0], union) >= 0.5
+        hits += ref_iou(boxes[0], union) >= 0.5
     assert rows["reir"]["cells"] == [None, None, None, pytest.approx(hits / len(phrases)), 1.0]
     assert 0 < hits < len(phrases)
     # LTS: the mask box's Precision@1 (the comprehension section), not the masks' figures.

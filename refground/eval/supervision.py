@@ -24,14 +24,13 @@ Outputs: markdown (default ``<cache>/<dataset>/report/supervision.md``), the fig
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from refground.errors import RefgroundError, UsageError
-from refground.tables import PERCENT, TEXT, TableData, markdown_table
+from refground.tables import PERCENT, TEXT, TableData, markdown_table, write_report
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -389,7 +388,6 @@ def supervision_report(dataset: str, cache: Any, out: Path | None, runs: Mapping
     kind, or no split at all, is a one-line UsageError; a row's own trouble is its status (:func:`score_row`).
     Returns ``{"markdown_path", "tables": [TableData], "json": dict}``.
     """
-    from refground.atomic import atomic_file
     from refground.data.store import load_named
     from refground.progress import track
     from refground.runs import resolve_run
@@ -425,12 +423,9 @@ def supervision_report(dataset: str, cache: Any, out: Path | None, runs: Mapping
         "columns": columns(expr_splits, cap_splits), "rows": results,
         "table": {"title": table.title, "columns": table.columns, "rows": table.rows},
     }
-    js = json.loads(json.dumps(js))  # plain lists and str keys: the JSON beside equals what `report` re-writes
-    with atomic_file(paths["json"]) as fh:
-        fh.write(json.dumps(js, indent=2, sort_keys=True))  # cli.console.emit's layout, so it may rewrite the file
-    with atomic_file(paths["markdown"]) as fh:
-        fh.write(render_markdown(dataset, build_table(dataset, results, expr_splits, cap_splits, code=True),
-                                 results, specs, expr_splits, cap_splits, str(paths["png"])))
+    markdown = render_markdown(dataset, build_table(dataset, results, expr_splits, cap_splits, code=True), results,
+                               specs, expr_splits, cap_splits, str(paths["png"]))
+    js = write_report(paths["markdown"], markdown, js)  # the JSON lands at paths["json"]
     todo = todo_table(dataset, results)
     return {"markdown_path": str(paths["markdown"]), "tables": [table] + ([todo] if todo else []), "json": js}
 

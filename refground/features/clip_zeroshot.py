@@ -19,7 +19,6 @@ On one split (default val) of a dataset, with any CLIP folder (the built-in one 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from refground.data.model import Dataset
 from refground.errors import DataError
 from refground.progress import track
-from refground.tables import TableData
+from refground.tables import TableData, write_report
 
 CATEGORY_TEMPLATE = "a photo of a {}."  # = refground.features.extract.CLIP_PROMPT
 COLOR_TEMPLATES = ("a photo of a {} shape.", "a {} object.", "something {}.")
@@ -220,7 +219,6 @@ def report_clip(dataset: str, cache: Path | None, clip_spec: str = "builtin", sp
     """``refground report clip``: :func:`zero_shot` of CLIP ``clip_spec`` (``builtin[:NAME]`` or ``hf:PATH``)
     on ``split`` of ``dataset``, written as markdown (``out``, default ``<cache>/report/clip.md``), JSON beside
     it and a PNG of attention maps (``<stem>_attention.png``). Returns ``{"markdown_path", "tables", "json"}``."""
-    from refground.atomic import atomic_file
     from refground.data.store import dataset_dir, load_dataset
     from refground.features.sources import resolve
     from refground.tables import markdown_table
@@ -237,16 +235,12 @@ def report_clip(dataset: str, cache: Path | None, clip_spec: str = "builtin", sp
     png = attention_figure(ds, clip, split, path.with_name(f"{path.stem}_attention.png"), figure_examples)
     res["png"] = str(png) if png else None
     res["markdown_path"] = str(path)
-    res = json.loads(json.dumps(res))
-    with atomic_file(path.with_suffix(".json")) as fh:
-        fh.write(json.dumps(res, indent=2, sort_keys=True))
     lines = [f"# CLIP {spec.name}: zero-shot on {dataset} {split}", ""]
     for t in tables:
         lines += markdown_table(t) + [""]
     if png:
         lines += [f"![attention maps]({Path(png).name})", ""]
-    with atomic_file(path) as fh:
-        fh.write("\n".join(lines))
+    res = write_report(path, "\n".join(lines), res)
     return {"markdown_path": str(path), "tables": tables, "json": res}
 
 

@@ -34,7 +34,6 @@ stays on disk is what ``refground eval --method bicm`` reads by default.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from refground.tables import (
     TableData,
     markdown_table,
     split_list,
+    write_report,
 )
 
 KAM = "+kam"  # the placeholder of the trained run in the row lists (its name is the ``run`` option)
@@ -451,7 +451,6 @@ def bicm_report(dataset: str, cache: Any, out: Path | None, splits: str = "val,t
     (missing: a row with the commands that make it). Missing or stale proposals or CLIP embeddings are the
     one-line ArtifactError of the predict step. Returns ``{"markdown_path", "tables": [TableData], "json": dict}``.
     """
-    from refground.atomic import atomic_file
     from refground.data.store import dataset_dir, load_dataset
     from refground.methods.bicm import run as bicm_run
     from refground.viz import save_png
@@ -497,11 +496,7 @@ def bicm_report(dataset: str, cache: Any, out: Path | None, splits: str = "val,t
         "timings": times,
         "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for _, t, _ in tables],
     }
-    js = json.loads(json.dumps(js))  # plain lists and str keys: the JSON beside equals what `report` re-writes
-    with atomic_file(path.with_suffix(".json")) as fh:
-        fh.write(json.dumps(js, indent=2, sort_keys=True))  # cli.console.emit's layout, so it may rewrite the file
-    with atomic_file(path) as fh:
-        fh.write(render_markdown(dataset, tables, png, notes))
+    js = write_report(path, render_markdown(dataset, tables, png, notes), js)
     return {"markdown_path": str(path), "tables": [t for _, t, _ in tables], "json": js}
 
 

@@ -28,14 +28,13 @@ else the first trained run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from refground.errors import ArtifactError, DataError
-from refground.tables import PERCENT, TEXT, TableData, markdown_table, split_list
+from refground.tables import PERCENT, TEXT, TableData, markdown_table, split_list, write_report
 
 TABLE2 = ("fusion", "filter", "fusion-filter", "fusion-seg", "filter-seg", "fusion-filter-seg", "lts")
 TABLE4 = ("lts", "lts-trans")
@@ -383,7 +382,6 @@ def lts_report(dataset: str, cache: Any, out: Path | None, runs: str | None = No
     ``cmrin_run``: the CMRIN run beside LTS's mask box ("" to leave it out). No trained run among ``runs`` is a
     one-line ArtifactError. Returns ``{"markdown_path", "tables": [TableData], "json": dict}``.
     """
-    from refground.atomic import atomic_file
     from refground.data.store import dataset_dir, load_dataset
     from refground.methods.lts.model import VARIANTS
     from refground.train import run_names
@@ -426,11 +424,7 @@ def lts_report(dataset: str, cache: Any, out: Path | None, runs: str | None = No
     }
     if grid is not None:
         js["grid"]["path"] = grid
-    js = json.loads(json.dumps(js))  # plain lists and str keys: the JSON beside equals what `report` re-writes
-    with atomic_file(path.with_suffix(".json")) as fh:
-        fh.write(json.dumps(js, indent=2, sort_keys=True))  # cli.console.emit's layout, so it may rewrite the file
-    with atomic_file(path) as fh:
-        fh.write(render_markdown(dataset, tables, grid, grid_note))
+    js = write_report(path, render_markdown(dataset, tables, grid, grid_note), js)
     return {"markdown_path": str(path), "tables": [t for _, t, _ in tables], "json": js}
 
 

@@ -29,14 +29,13 @@ else the first trained run that is no upper bound.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from refground.errors import ArtifactError
-from refground.tables import PERCENT, TEXT, TableData, markdown_table, split_list
+from refground.tables import PERCENT, TEXT, TableData, markdown_table, split_list, write_report
 
 TABLE2 = ("baseline", "tsd", "tsd-str-noq", "tsd-str", "tsd-vogn", "uniform", "reir")
 TABLE3 = ("reir-k3", "reir", "reir-k10")
@@ -352,7 +351,6 @@ def reir_report(dataset: str, cache: Any, out: Path | None, runs: str | None = N
     names. ``iou_run`` / ``no_reg_run``: Fig. 4's runs with and without L_reg (scored too when not among
     ``runs``). Missing or stale proposals or relation labels are the one-line ArtifactError of the predict step.
     Returns ``{"markdown_path", "tables": [TableData], "json": dict}``."""
-    from refground.atomic import atomic_file
     from refground.data.store import dataset_dir, load_dataset
     from refground.methods.reir import VARIANTS
     from refground.train import run_names
@@ -405,11 +403,7 @@ def reir_report(dataset: str, cache: Any, out: Path | None, runs: str | None = N
         "iou": iou,
         "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows} for _, t, _ in tables],
     }
-    js = json.loads(json.dumps(js))  # plain lists and str keys: the JSON beside equals what `report` re-writes
-    with atomic_file(path.with_suffix(".json")) as fh:
-        fh.write(json.dumps(js, indent=2, sort_keys=True))  # cli.console.emit's layout, so it may rewrite the file
-    with atomic_file(path) as fh:
-        fh.write(render_markdown(dataset, tables, png))
+    js = write_report(path, render_markdown(dataset, tables, png), js)
     return {"markdown_path": str(path), "tables": [t for _, t, _ in tables], "json": js}
 
 
